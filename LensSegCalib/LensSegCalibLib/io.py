@@ -1,0 +1,436 @@
+"""Reading and writing images and segmentations, with their geometry, and atomic file output.
+
+Array-axis order is ``(Z, Y, X)`` (= ``(K, J, I)``) for 3D and ``(Y, X)`` for 2D; ``Geometry.spacing`` follows
+the array order. Origin and direction stay in SimpleITK's LPS convention (x, y, z). Only this module converts
+between the two orders.
+
+Outputs are written to a temporary file in the destination folder and moved into place at the end, so a crash
+or a full disk never leaves a half-written file, and an existing file is never replaced unless
+``overwrite=True`` (the check and the move are one atomic step, so two runs racing for one file cannot both
+win).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, OutputError
+
+__all__ = [
+    "Geometry",
+    "Image",
+    "IMAGE_SUFFIXES",
+    "read_image",
+    "read_segmentation",
+    "write_volume",
+    "write_segmentation",
+    "atomic_path",
+    "ensure_output_dir",
+    "sha256_file",
+    "sha256_array",
+    "full_suffix",
+]
+
+#: File name endings we read and write as images (DICOM is read from a folder).
+IMAGE_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of an array lie in patient space.
+
+    Attributes:
+        spacing: voxel size in mm, one value per array axis, array order (``(sz, sy, sx)`` for 3D).
+        origin: physical position of voxel (0, 0, 0) in mm, LPS, ``(x, y, z)`` as SimpleITK gives it.
+        direction: row-major direction cosines (9 values for 3D, 4 for 2D) as SimpleITK gives them: column j is
+            the LPS direction of image axis j (i, then j, then k).
+    """
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...] = field(default=())
+    direction: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        dims = len(self.spacing)
+        if dims not in (2, 3):
+            raise InputError(f"Geometry needs 2 or 3 spacing values, got {self.spacing!r}.")
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        origin = tuple(float(v) for v in self.origin) if len(self.origin) else (0.0,) * dims
+        direction = (
+            tuple(float(v) for v in self.direction) if len(self.direction) else tuple(np.eye(dims).ravel().tolist())
+        )
+        if len(origin) != dims or len(direction) != dims * dims:
+            raise InputError(
+                f"Geometry: origin {origin!r} / direction {direction!r} do not fit {dims} spacing values."
+            )
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spacing)
+
+    def validate(self) -> None:
+        """Raise InputError unless every spacing is finite and > 0 and the direction is a rotation/reflection."""
+        sp = np.asarray(self.spacing)
+        if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise InputError(
+                f"Voxel spacing must be finite and positive, got {self.spacing} mm. Fix the image header "
+                "(e.g. in Slicer: Volumes module > Volume Information > Image Spacing) and try again."
+            )
+        d = self.direction_matrix()
+        if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1.0) > 1e-3:
+            raise InputError(f"The direction matrix {self.direction} is not orthonormal; fix the image header.")
+
+    def direction_matrix(self) -> np.ndarray:
+        """Direction cosines as an ``(ndim, ndim)`` array (column j = LPS direction of image axis j, i first)."""
+        return np.asarray(self.direction, dtype=float).reshape(self.ndim, self.ndim)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 (3D) or 3x3 (2D) homogeneous matrix from voxel index ``(i, j, k)`` to LPS mm."""
+        n = self.ndim
+        m = np.eye(n + 1)
+        m[:n, :n] = self.direction_matrix() * np.asarray(self.spacing[::-1])[None, :]
+        m[:n, n] = self.origin
+        return m
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """Same as :meth:`ijk_to_lps` in Slicer's RAS convention (first two physical axes negated)."""
+        m = self.ijk_to_lps()
+        flip = np.eye(m.shape[0])
+        flip[0, 0] = flip[1, 1] = -1.0
+        return flip @ m
+
+    @classmethod
+    def from_sitk(cls, image: Any) -> Geometry:
+        return cls(tuple(image.GetSpacing())[::-1], tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def apply_to_sitk(self, image: Any) -> None:
+        image.SetSpacing(tuple(self.spacing[::-1]))
+        image.SetOrigin(tuple(self.origin))
+        image.SetDirection(tuple(self.direction))
+
+
+@dataclass
+class Image:
+    """An image array (array-axis order) with its geometry and the file it came from (if any)."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return self.geometry.spacing
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def full_suffix(path: str | os.PathLike) -> str:
+    """The recognised multi-part suffix of a file name (``.seg.nrrd``, ``.nii.gz``), else its last suffix."""
+    name = Path(path).name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return Path(path).suffix.lower()
+
+
+def _read_sitk(path: Path) -> Any:
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise InputError(f"Input not found: {path}. Check the path (and that the drive is mounted).")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(
+                    f"No DICOM series in folder {path}. Give an image file (.nrrd, .nii.gz, .mha) or a folder "
+                    "that holds one DICOM series."
+                )
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:  # SimpleITK reports unreadable/corrupt files as RuntimeError
+        first = str(exc).strip().splitlines()
+        detail = first[-1] if first else "unknown reader error"
+        raise InputError(
+            f"Cannot read {path} as an image ({detail}). The file may be truncated, corrupt or of another "
+            "type; re-export it as NRRD or NIfTI (in Slicer: right-click > Export to file)."
+        ) from exc
+
+
+def read_image(path: str | os.PathLike, *, allow_2d: bool = True) -> Image:
+    """Read a scalar image (NRRD, NIfTI, MHA or a DICOM series folder) with its geometry.
+
+    Args:
+        path: image file, or a folder holding one DICOM series.
+        allow_2d: accept a single 2D image (returned as a 2D array with 2D geometry).
+
+    Returns:
+        ``Image`` with ``array`` in array-axis order (``(Z, Y, X)``), dtype as stored.
+
+    Raises:
+        InputError: missing/corrupt file, vector/RGB/4D image, empty image, or invalid geometry.
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    img = _read_sitk(p)
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{p.name} has {img.GetNumberOfComponentsPerPixel()} components per voxel (vector or RGB image). "
+            "Convert it to a single-channel scalar volume first (Slicer: Vector to Scalar Volume module)."
+        )
+    if img.GetDimension() not in (2, 3):
+        raise InputError(
+            f"{p.name} is a {img.GetDimension()}D image; LensSegCalib needs a 3D volume (or a 2D B-scan). "
+            "Extract one 3D frame first (Slicer: Sequences module)."
+        )
+    if img.GetDimension() == 2 and not allow_2d:
+        raise InputError(f"{p.name} is a 2D image; this model needs a 3D volume.")
+    array = sitk.GetArrayFromImage(img)
+    if array.size == 0 or 0 in array.shape:
+        raise InputError(f"{p.name} is empty (size {array.shape}); nothing to segment.")
+    if img.GetDimension() == 3 and array.shape[0] == 1 and allow_2d:
+        pass  # a one-slice volume stays 3D: the geometry along k is still meaningful
+    geometry = Geometry.from_sitk(img)
+    geometry.validate()
+    return Image(array=array, geometry=geometry, path=p)
+
+
+def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, list[dict[str, Any]]]:
+    """Read a label map: a Slicer ``.seg.nrrd`` (via slicerio) or a plain label volume (NRRD/NIfTI).
+
+    Returns:
+        ``(labels, geometry, segments)``: labels ``(Z, Y, X)`` uint8/uint16 with the file's label values,
+        geometry, and the segment descriptions (``id``, ``name``, ``labelValue``, ``color`` 0..1) when known.
+
+    Raises:
+        InputError: unreadable file, overlapping segments (4D layers), or non-integer labels.
+    """
+    p = Path(path)
+    if full_suffix(p) == ".seg.nrrd":
+        import slicerio
+
+        if not p.exists():
+            raise InputError(f"Segmentation not found: {p}.")
+        try:
+            seg = slicerio.read_segmentation(str(p))
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise InputError(f"Cannot read segmentation {p} ({exc}); re-save it from Slicer as .seg.nrrd.") from exc
+        voxels = np.asarray(seg["voxels"])
+        if voxels.ndim == 4:
+            raise InputError(
+                f"{p.name} has overlapping segments (several layers); a reference must be one label map. "
+                "In Slicer, export it as a labelmap volume and use that file."
+            )
+        ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+        spacing_ijk = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+        direction = ijk_to_lps[:3, :3] / spacing_ijk[None, :]
+        geometry = Geometry(tuple(spacing_ijk[::-1]), tuple(ijk_to_lps[:3, 3]), tuple(direction.ravel()))
+        labels = np.ascontiguousarray(voxels.transpose(2, 1, 0))  # IJK -> KJI
+        offset = seg.get("referenceImageExtentOffset")
+        if offset is not None and any(int(o) != 0 for o in offset):
+            # Slicer may crop the labelmap; shift the origin so the array still maps to the right place.
+            off = np.asarray([int(o) for o in offset], dtype=float)
+            origin = ijk_to_lps[:3, 3] + ijk_to_lps[:3, :3] @ off
+            geometry = Geometry(geometry.spacing, tuple(origin), geometry.direction)
+        segments = [dict(s) for s in seg.get("segments", [])]
+        return labels, geometry, segments
+    image = read_image(p)
+    if not np.issubdtype(image.array.dtype, np.integer):
+        rounded = np.rint(image.array)
+        if not np.array_equal(rounded, image.array):
+            raise InputError(f"{p.name} has non-integer voxel values; a label map must hold integer labels.")
+        image.array = rounded.astype(np.int32)
+    return image.array, image.geometry, []
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check it is writable; raise OutputError with the fix otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create output folder {p} ({exc.strerror}); choose a folder you can write to.") from exc
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"Output folder {p} is not writable; choose another folder or fix its permissions.")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
+
+    The temporary file keeps the final suffix (writers choose the format by suffix). Without ``overwrite`` an
+    existing destination raises OutputError before any work, and again at the end if another process created it
+    meanwhile (hard-link = atomic no-clobber rename). Any failure (including a full disk) removes the temporary.
+    """
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise OutputError(f"{final} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    ensure_output_dir(final.parent)
+    suffix = full_suffix(final)
+    stem = final.name[: len(final.name) - len(suffix)] if suffix else final.name
+    tmp = final.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError(f"Writing {final} produced no file.")
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except FileExistsError as exc:
+                raise OutputError(
+                    f"{final} was created by another run while this one was writing; nothing was overwritten."
+                ) from exc
+            except OSError as exc:  # file systems without hard links: fall back to a checked rename
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                if final.exists():
+                    raise OutputError(f"{final} already exists; nothing was overwritten.") from exc
+                os.replace(tmp, final)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OutputError(f"Could not write {final}: {reason}. Nothing was left half-written.") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _sitk_from_array(array: np.ndarray, geometry: Geometry) -> Any:
+    import SimpleITK as sitk
+
+    if array.ndim != geometry.ndim:
+        raise InputError(f"Array has {array.ndim} dimensions but the geometry has {geometry.ndim}.")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.apply_to_sitk(image)
+    return image
+
+
+def write_volume(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    geometry: Geometry,
+    *,
+    overwrite: bool = False,
+    compress: bool = True,
+) -> Path:
+    """Write a scalar volume (array-axis order) with its geometry to NRRD/NIfTI/MHA, atomically.
+
+    Returns the final path. Raises OutputError (exists, unwritable, disk full).
+    """
+    import SimpleITK as sitk
+
+    image = _sitk_from_array(np.asarray(array), geometry)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, f"SimpleITK could not write the file ({str(exc).strip()[-200:]})") from exc
+    return Path(path)
+
+
+def write_segmentation(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    geometry: Geometry,
+    classes: Sequence[dict[str, Any]],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label map as a Slicer ``.seg.nrrd`` with segment names, colours and terminology.
+
+    Args:
+        labels: integer label map ``(Z, Y, X)``; 0 = background (not written as a segment).
+        geometry: 3D geometry of the label map.
+        classes: one dict per class: ``value`` (label), ``key`` (segment id), ``name``, ``color`` (RGB 0..255),
+            optional ``terminology`` (Slicer terminology string). Classes with value 0 are skipped.
+    """
+    import slicerio
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"A .seg.nrrd needs a 3D label map, got shape {labels.shape}.")
+    if labels.max(initial=0) > 255 or labels.min(initial=0) < 0:
+        raise InputError("Label values must lie in 0..255 for a segmentation file.")
+    segments = []
+    for cls in classes:
+        value = int(cls["value"])
+        if value == 0:
+            continue
+        color = [float(c) / 255.0 for c in cls.get("color", (128, 128, 128))]
+        segment: dict[str, Any] = {
+            "id": str(cls.get("key", f"segment_{value}")),
+            "name": str(cls.get("name", cls.get("key", value))),
+            "labelValue": value,
+            "layer": 0,
+            "color": color,
+        }
+        terminology = cls.get("terminology")
+        if terminology:
+            segment["terminology"] = slicerio.segmentation.terminology_entry_from_string(terminology)
+        present = np.nonzero(labels == value)
+        if present[0].size:
+            # extent in IJK: i_min i_max j_min j_max k_min k_max
+            segment["extent"] = [
+                int(present[2].min()), int(present[2].max()),
+                int(present[1].min()), int(present[1].max()),
+                int(present[0].min()), int(present[0].max()),
+            ]
+        segments.append(segment)
+    segmentation = {
+        "voxels": np.ascontiguousarray(labels.astype(np.uint8).transpose(2, 1, 0)),  # KJI -> IJK
+        "ijkToLPS": geometry.ijk_to_lps(),
+        "encoding": "gzip",
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": segments,
+    }
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file (or, for a folder such as a DICOM series, of its sorted files' contents)."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_array(array: np.ndarray) -> str:
+    """Hex sha256 of an array's shape, dtype and bytes (to prove an input was not modified)."""
+    a = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
+    digest.update(a.tobytes())
+    return digest.hexdigest()
