@@ -1,0 +1,4 @@
+"""``python -m LensSegCalibLib.training --config FILE`` (see :mod:`.cli`)."""
+from .cli import main
+
+raise SystemExit(main())
