@@ -11,8 +11,8 @@ Formulas and colour conventions: ``docs/heatmaps.md``. All maps are float32 arra
   > 0 over-confident, < 0 under-confident.
 
 The band (``band_mm`` around interfaces, default ``2 x min(spacing)``) comes from
-``LensSegCalibLib.metrics.boundary_band`` (the BECE band, METHODS.md 2); it is evaluated on the bounding box of
-the interfaces plus a margin, which gives the same voxels as the whole image at a fraction of the cost.
+``LensSegCalibLib.metrics.boundary_band`` (the BECE band, METHODS.md 2). The signed map is smoothed only on the
+band's bounding box grown by the kernel radius (exact for every band voxel, far cheaper on a whole CT).
 """
 from __future__ import annotations
 
@@ -125,18 +125,11 @@ def default_sigma_mm(spacing: Sequence[float]) -> float:
     return 2.0 * float(min(spacing))
 
 
-def _interfaces(labels: np.ndarray) -> np.ndarray:
-    """Voxels with a face neighbour of another label (both sides; the image border is not an interface)."""
-    from .metrics import interface_mask
-
-    return np.asarray(interface_mask(labels))
-
-
 def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm: float | None = None) -> np.ndarray:
     """Voxels within ``band_mm`` of an interface of ``labels`` (the BECE band, METHODS.md 2), as a bool mask.
 
-    Computed on the bounding box of the interfaces grown by the band radius (plus one voxel), which gives
-    exactly the whole-image band: interface voxels keep their neighbours and no band voxel lies outside.
+    Thin wrapper of ``LensSegCalibLib.metrics.boundary_band`` (face-connected interfaces, Euclidean distance in
+    mm between voxel centres, inclusive), so the heat maps and BECE can never disagree about the band.
 
     Args:
         labels: integer ``(*S)`` label map.
@@ -153,19 +146,7 @@ def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm:
     band = default_band_mm(spacing_t) if band_mm is None else float(band_mm)
     if not np.isfinite(band) or band < 0:
         raise InputError(f"band_mm must be a finite value >= 0 mm; got {band_mm!r}.")
-    mask = np.zeros(lab.shape, dtype=bool)
-    iface = _interfaces(lab)
-    if not iface.any():
-        return mask
-    box = []
-    for axis, size in enumerate(lab.shape):
-        other = tuple(a for a in range(lab.ndim) if a != axis)
-        hits = np.flatnonzero(iface.any(axis=other))
-        margin = int(np.ceil(band / spacing_t[axis])) + 1
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, size)))
-    crop = tuple(box)
-    mask[crop] = np.asarray(boundary_band(lab[crop], spacing_t, band), dtype=bool)
-    return mask
+    return np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
 
 
 def label_free_boundary_map(
