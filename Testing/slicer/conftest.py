@@ -1,0 +1,100 @@
+"""Fixtures for the Slicer-module tests: real MRML from slicer-core through ``Testing/headless_slicer.py``.
+
+- ``slicerEnv`` (session): the headless scene + module logics, built once per test process.
+- ``cleanScene`` (autouse): every test starts and ends with an empty data scene (colour tables stay).
+- ``tinyCatalog`` (session): a temporary model catalog holding one tiny, randomly initialised 2D UNet with
+  the AS-OCT classes, so the Logic runs the real ``Segmenter`` path in well under a second per call.
+- ``logic``: ``LensSegCalibLogic`` reading ``tinyCatalog``; ``obliqueVolume``: a volume node with non-identity
+  spacing, origin and direction.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/ (the harness)
+import headless_slicer  # noqa: E402
+
+TINY_MODEL = "test-asoct-tiny"
+# Spacing of the test volumes (array order, mm). The tiny model uses the same grid: no resampling cost.
+TEST_SPACING = (0.5, 0.02, 0.03)
+ASOCT_CLASSES = [
+    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
+    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80],
+     "terminology": "Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure"
+                    "~99LSC^1001^Lens capsule~^^~~^^~^^"},
+    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
+    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
+]
+
+
+@pytest.fixture(scope="session")
+def slicerEnv(tmp_path_factory: pytest.TempPathFactory):
+    """One headless Slicer per test process (module logics keep references to the scene)."""
+    scene = headless_slicer.start(str(tmp_path_factory.mktemp("slicer-temp")))
+    return scene
+
+
+@pytest.fixture(autouse=True)
+def cleanScene(slicerEnv):
+    headless_slicer.reset()
+    yield slicerEnv
+    headless_slicer.reset()
+
+
+@pytest.fixture(scope="session")
+def tinyCatalog(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """catalog.json + safetensors of a tiny random UNet (seeded: the same weights in every run)."""
+    import torch
+
+    from LensSegCalibLib.models import build_network, save_weights
+
+    folder = tmp_path_factory.mktemp("tiny-catalog")
+    network = {"name": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
+               "strides": [2], "num_res_units": 0}
+    torch.manual_seed(0)
+    sha256, size = save_weights(build_network(network), folder / "tiny.safetensors")
+    entry = {
+        "id": TINY_MODEL, "title": "Tiny test model", "version": "0.0.1", "task": "asoct-lens",
+        "modality": "AS-OCT", "description": "Random weights, for tests only.", "classes": ASOCT_CLASSES,
+        "input": {"spacing_mm": list(TEST_SPACING), "dims": 2, "mode": "slicewise2d", "patch_size": [32, 32],
+                  "normalization": {"kind": "percentile"}},
+        "network": network, "loss": {"name": "ce"}, "temperature": 1.0,
+        "weights": {"file": "tiny.safetensors", "sha256": sha256, "bytes": size},
+    }
+    path = folder / "catalog.json"
+    path.write_text(json.dumps({"catalog_version": 1, "models": [entry]}, indent=1))
+    return str(path)
+
+
+@pytest.fixture
+def logic(slicerEnv, tinyCatalog):
+    import LensSegCalib
+
+    return LensSegCalib.LensSegCalibLogic(catalogPath=tinyCatalog)
+
+
+def obliqueIJKToRAS(shape_kji: tuple) -> np.ndarray:
+    """IJK-to-RAS with TEST_SPACING, an origin off zero and a rotated, reflected direction."""
+    angle = np.deg2rad(30.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, -1.0]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation * np.asarray(TEST_SPACING[::-1])[None, :]  # column i scaled by spacing of i
+    matrix[:3, 3] = (12.5, -40.0, 7.25)
+    return matrix
+
+
+@pytest.fixture
+def obliqueVolume(slicerEnv):
+    """Volume node (K, J, I) = (3, 40, 48) int16: a bright ellipse (the 'lens') on noise; oblique geometry."""
+    import slicer
+
+    rng = np.random.default_rng(1)
+    k, j, i = np.meshgrid(np.arange(3), np.arange(40), np.arange(48), indexing="ij")
+    lens = ((i - 24) / 14.0) ** 2 + ((j - 20) / 9.0) ** 2 < 1
+    image = (200 + 800 * lens + rng.normal(0, 40, lens.shape)).astype(np.int16)
+    return slicer.util.addVolumeFromArray(image, obliqueIJKToRAS(image.shape), name="oblique scan")
