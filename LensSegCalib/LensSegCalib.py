@@ -496,7 +496,7 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
             overwrite: replace existing outputs (else finished inputs are skipped).
 
         Returns:
-            One dict per input: ``{"input", "status": "ok"|"skipped"|"failed", "error", "outputs"}``.
+            One dict per input: ``{"input", "status": "done"|"skipped"|"failed", "error", "outputs"}``.
         """
         if isinstance(paths_or_glob, (str, os.PathLike)):
             pattern = str(paths_or_glob)
@@ -505,10 +505,8 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
             paths = [str(p) for p in paths_or_glob]
         if not paths:
             raise InputError(f"No input files match {paths_or_glob!r}; check the folder and the pattern.")
-        from LensSegCalibLib.outputs import write_case_outputs
-
-        return mrml.batch_files(paths, out_dir, self.segmenter(model, device), write_case_outputs,
-                                overwrite=overwrite, progress=progress, cancel=cancel)
+        return mrml.batch_files(paths, out_dir, self.segmenter(model, device), overwrite=overwrite,
+                                progress=progress, cancel=cancel)
 
     # -- sample data -------------------------------------------------------------------------------------
     def loadSampleData(self, kind: str = "asoct", seed: int = 0, shape: Optional[Sequence[int]] = None) -> tuple:

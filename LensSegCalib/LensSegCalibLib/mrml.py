@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -244,8 +243,7 @@ def update_segmentation(labels: np.ndarray, referenceVolume: Any, classes: Seque
             if segments.GetSegment(key) is not None:
                 segments.RemoveSegment(key)
             segments.AddEmptySegment(key, str(cls["name"]), _color01(cls["color"]))
-            mask = (labels == int(cls["value"])).astype(np.uint8)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, key, referenceVolume)
+            _import_mask(labels == int(cls["value"]), node, key, referenceVolume)
             terminology = cls.get("terminology")
             if terminology:
                 segment = segments.GetSegment(key)
@@ -262,6 +260,33 @@ def update_segmentation(labels: np.ndarray, referenceVolume: Any, classes: Seque
     _tag(node, "segmentation")
     node.SetAttribute(OUTPUT_ATTRIBUTE, node.GetID())
     return node
+
+
+def _import_mask(mask: np.ndarray, segmentationNode: Any, segmentId: str, referenceVolume: Any) -> None:
+    """Set a segment's binary labelmap from a ``(K, J, I)`` bool mask on the reference volume's grid.
+
+    Through a temporary label map node *without* display node: ``slicer.util.updateSegmentBinaryLabelmapFromArray``
+    leaves the temporary node's display node in the scene, one per call (a rerun would grow the scene).
+    """
+    import slicer
+    import vtk
+
+    temporary = slicer.vtkMRMLLabelMapVolumeNode()
+    temporary.SetName("__LensSegCalib_temp__")
+    temporary.SetHideFromEditors(True)
+    slicer.mrmlScene.AddNode(temporary)
+    try:
+        matrix = vtk.vtkMatrix4x4()
+        referenceVolume.GetIJKToRASMatrix(matrix)
+        temporary.SetIJKToRASMatrix(matrix)
+        slicer.util.updateVolumeFromArray(temporary, np.ascontiguousarray(mask, dtype=np.uint8))
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentId)
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(temporary, segmentationNode,
+                                                                                     segmentIds):
+            raise InputError(f"Slicer could not import segment {segmentId!r}; check that the volume has voxels.")
+    finally:
+        slicer.mrmlScene.RemoveNode(temporary)
 
 
 def labels_from_segmentation(segmentationNode: Any, referenceVolume: Any,
@@ -699,7 +724,7 @@ def compute_job(job: SegmentationJob, segmenter: Any, *, progress: Any = None, c
     check()
     report(0.87, "Computing the calibration report")
     calibration = calibration_report(prediction, job.geometry.spacing, reference=job.reference, image=job.image,
-                                     case=job.name, input_sha256=job.input_sha256)
+                                     case=_case_name(job.name), input_sha256=job.input_sha256)
     check()
     signed = None
     if job.reference is not None:
@@ -834,58 +859,48 @@ def _case_name(name: str) -> str:
 
 
 def export_result(result: SegmentationResult, folder: Any, writer: Any, *, overwrite: bool = True) -> list:
-    """Write a result with the CLI's writer (``outputs.write_case_outputs``): same files, same names.
+    """Write a result with the CLI's writer (``outputs.write_case_outputs``): same files, names and options.
 
-    The boundary map is the signed one when the run had a reference (as the GUI showed it), else label-free.
+    The case name is the volume node's name (made file-name safe), as the CLI uses the input file's name.
     """
     name = _case_name(result.volume.GetName())
-    boundary = "signed" if result.reference is not None else "label_free"
-    paths = writer(folder, name, result.prediction, result.geometry, result.report, overwrite=overwrite,
-                   boundary=boundary)
+    paths = writer(folder, name, result.prediction, result.geometry, result.report, overwrite=overwrite)
     return [str(path) for path in paths.values()]
 
 
-def batch_files(paths: Sequence[str], outDir: Any, segmenter: Any, writer: Any, *, overwrite: bool = False,
+def batch_files(paths: Sequence[str], outDir: Any, segmenter: Any, *, overwrite: bool = False,
                 progress: Any = None, cancel: Any = None) -> list:
-    """Segment files one by one (read, predict, report, write, forget); a failing file does not stop the batch.
+    """Segment files one by one with the CLI's per-case function (read, predict, report, write, forget).
+
+    A failing file is reported and the batch goes on; finished cases are skipped unless ``overwrite``.
 
     Returns:
-        ``[{"input", "status": "ok" | "skipped" | "failed", "error", "outputs"}]`` in input order.
+        ``[{"input", "status": "done" | "skipped" | "failed", "error", "outputs"}]`` in input order.
 
     Raises:
         Cancelled: ``cancel`` was set (files finished so far keep their outputs).
     """
+    from .cli import segment_case
     from .errors import Cancelled, LensSegCalibError
-    from .io import read_image, sha256_file
-    from .outputs import case_is_done, case_name
-    from .report import calibration_report
+    from .outputs import case_is_done, case_name, output_paths
 
     report = progress or (lambda fraction, message: None)
     results = []
     for index, path in enumerate(paths):
         name = case_name(path)
-        entry = {"input": str(path), "status": "ok", "error": "", "outputs": []}
+        entry = {"input": str(path), "status": "done", "error": "", "outputs": []}
         base = index / len(paths)
         if not overwrite and case_is_done(outDir, name):
             entry["status"] = "skipped"
-            results.append(entry)
-            continue
-        try:
-            image = read_image(path)
-            geometry = image.geometry
-            direction = geometry.direction_matrix() if geometry.ndim == 3 else None
-            prediction = segmenter.predict(
-                image.array, geometry.spacing, direction=direction, cancel=cancel,
-                progress=lambda f, m: report(base + 0.9 * f / len(paths), f"{name}: {m}"))
-            calibration = calibration_report(prediction, geometry.spacing, image=image.array, case=name,
-                                             input_sha256=sha256_file(path) if os.path.isfile(path) else "",
-                                             input_path=path)
-            written = writer(outDir, name, prediction, geometry, calibration, overwrite=overwrite)
-            entry["outputs"] = [str(p) for p in written.values()]
-        except Cancelled:
-            raise
-        except (LensSegCalibError, OSError, ValueError) as error:  # reported per file; the batch goes on
-            entry.update(status="failed", error=str(error))
+        else:
+            try:
+                segment_case(path, segmenter, outDir, name=name, overwrite=overwrite, cancel=cancel,
+                             progress=lambda f, m: report(base + f / len(paths), f"{name}: {m}"))
+                entry["outputs"] = [str(p) for p in output_paths(outDir, name).values()]
+            except Cancelled:
+                raise
+            except (LensSegCalibError, OSError, ValueError) as error:  # per file; the batch goes on
+                entry.update(status="failed", error=str(error))
         results.append(entry)
         report((index + 1) / len(paths), f"{name}: {entry['status']}")
     return results

@@ -63,3 +63,101 @@ def test_geometry_conversion_round_trip(slicerEnv, obliqueVolume):
     direction = np.asarray(geometry.direction).reshape(3, 3)
     np.testing.assert_allclose(direction, np.diag([-1, -1, 1]) @ (ras[:3, :3] / np.asarray(TEST_SPACING[::-1])))
     np.testing.assert_allclose(mrml.ijk_to_ras_from_geometry(geometry), ras, atol=1e-12)
+
+
+def _nodeIds(scene) -> set:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_rerun_into_output_replaces_instead_of_duplicating(logic, obliqueVolume, cleanScene):
+    first = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    before = _nodeIds(cleanScene)
+    again = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=first.segmentation)
+    assert _nodeIds(cleanScene) == before  # same nodes, updated in place
+    assert again.segmentation is first.segmentation
+    assert {k: n.GetID() for k, n in again.heatmaps.items()} == {k: n.GetID() for k, n in first.heatmaps.items()}
+    assert again.table.GetID() == first.table.GetID()
+    assert first.segmentation.GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_rerun_keeps_the_users_other_segments(logic, obliqueVolume):
+    user = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segments")
+    user.GetSegmentation().AddEmptySegment("cornea", "Cornea", (0.9, 0.1, 0.1))
+    result = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=user)
+    ids = [user.GetSegmentation().GetNthSegmentID(i) for i in range(user.GetSegmentation().GetNumberOfSegments())]
+    assert result.segmentation is user and ids == ["cornea", "capsule", "cortex", "nucleus"]
+
+
+def test_input_voxels_and_geometry_are_unchanged(logic, obliqueVolume):
+    voxels = mrml.volume_voxel_sha256(obliqueVolume)
+    matrix = _matrix(obliqueVolume)
+    logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    assert mrml.volume_voxel_sha256(obliqueVolume) == voxels
+    np.testing.assert_array_equal(_matrix(obliqueVolume), matrix)
+
+
+def test_cancel_mid_run_leaves_no_nodes(logic, obliqueVolume, cleanScene):
+    before = _nodeIds(cleanScene)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction: float, message: str) -> None:
+        seen.append(fraction)
+        if fraction > 0.05:  # inside inference: the segmenter checks the event between batches
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", progress=progress, cancel=cancel)
+    assert max(seen) < 0.95  # stopped before the node-creation stage
+    assert _nodeIds(cleanScene) == before
+
+
+def test_progress_is_monotonic_and_ends_at_one(logic, obliqueVolume):
+    seen = []
+    logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and all(b >= a for a, b in zip(seen, seen[1:]))
+
+
+def test_export_writes_the_same_files_as_the_cli(logic, obliqueVolume, tinyCatalog, tmp_path):
+    from LensSegCalibLib.cli import main
+
+    result = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    exported = tmp_path / "export"
+    written = logic.export_report(result, str(exported))
+    # The CLI on the same voxels and geometry, saved by Slicer as NRRD under the node's name.
+    source = tmp_path / "oblique_scan.nrrd"
+    assert slicer.util.exportNode(obliqueVolume, str(source))
+    cli = tmp_path / "cli"
+    code = main(["segment", str(source), "--model", TINY_MODEL, "--out", str(cli), "--catalog", tinyCatalog,
+                 "--device", "cpu", "--quiet"])
+    assert code == 0
+    cliFiles = sorted(p.name for p in cli.iterdir() if p.name != "summary.csv")
+    assert sorted(p.split("/")[-1] for p in written) == cliFiles
+    assert (exported / "oblique_scan_report.csv").read_text() == (cli / "oblique_scan_report.csv").read_text()
+    for name in ("oblique_scan_confidence.nrrd", "oblique_scan_boundary.nrrd"):
+        ours = slicer.util.loadVolume(str(exported / name))
+        theirs = slicer.util.loadVolume(str(cli / name))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(ours), slicer.util.arrayFromVolume(theirs))
+        np.testing.assert_allclose(_matrix(ours), _matrix(theirs), atol=1e-9)
+    segmentation = slicer.util.loadSegmentation(str(exported / "oblique_scan.seg.nrrd"))
+    labels = mrml.labels_from_segmentation(segmentation, obliqueVolume, ASOCT_CLASSES)
+    np.testing.assert_array_equal(labels, result.prediction.labels)
+
+
+def test_batch_processes_files_without_loading_them(logic, obliqueVolume, tmp_path):
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"scan{index}.nrrd"
+        assert slicer.util.exportNode(obliqueVolume, str(path))
+        paths.append(path)
+    (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    volumesBefore = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")
+    out = tmp_path / "out"
+    rows = logic.batch(str(tmp_path / "*.nrrd"), str(out), model=TINY_MODEL, device="cpu")
+    assert [(r["input"].split("/")[-1], r["status"]) for r in rows] == \
+        [("broken.nrrd", "failed"), ("scan0.nrrd", "done"), ("scan1.nrrd", "done")]
+    assert "broken.nrrd" in rows[0]["error"] or rows[0]["error"]
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == volumesBefore
+    assert (out / "scan1_report.json").is_file()
+    again = logic.batch([str(p) for p in paths], str(out), model=TINY_MODEL, device="cpu")
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
