@@ -297,6 +297,9 @@ def train_from_config(path: str | os.PathLike | Mapping[str, Any], *, resume: bo
                       device: str | None = None) -> Path:
     """Train the model described by a config; returns the path of the written ``.safetensors``.
 
+    (With ``optim.stop_after_epoch`` set below ``optim.epochs`` it stops after that epoch and returns the
+    checkpoint path instead; running again resumes and gives bit-identical weights on CPU.)
+
     Args:
         path: JSON config file (or an already-parsed dict).
         resume: continue from ``<output>/checkpoint.pt`` when it exists (same config), else start fresh.
@@ -441,6 +444,11 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
                                 "train_seconds": train_seconds, "config_key": _config_key(cfg)}, ckpt_path)
         ddp.barrier()
+        stop = opt_cfg.get("stop_after_epoch")
+        if stop and epoch + 1 >= int(stop) and epoch + 1 < epochs:
+            # deliberate interruption (tests, time-sliced machines): rerun the same command to resume
+            bar.close()
+            return ckpt_path
     bar.close()
     if tb is not None:
         tb.close()
@@ -471,7 +479,8 @@ def _config_key(cfg: Mapping[str, Any]) -> str:
 
     keep = {k: cfg[k] for k in ("model_id", "input", "network", "loss", "data", "optim", "seed") if k in cfg}
     keep = copy.deepcopy(keep)
-    keep["optim"].pop("threads", None)
+    for k in ("threads", "stop_after_epoch"):  # do not change the result
+        keep["optim"].pop(k, None)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
