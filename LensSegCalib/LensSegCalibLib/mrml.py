@@ -764,7 +764,11 @@ def _reliability_bins(reliability: Any) -> Optional[dict]:
     if counts is None or confidence is None or accuracy is None:
         return None
     n = len(counts)
-    centers = get("center", get("bin_centers", [(i + 0.5) / n for i in range(n)]))
+    edges = get("edges")
+    if edges is not None and len(edges) == n + 1:
+        centers = [(float(a) + float(b)) / 2.0 for a, b in zip(edges[:-1], edges[1:])]
+    else:
+        centers = get("center", [(i + 0.5) / n for i in range(n)])
     return {"center": list(centers), "confidence": list(confidence), "accuracy": list(accuracy),
             "count": list(counts)}
 

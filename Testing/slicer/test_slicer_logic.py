@@ -161,3 +161,69 @@ def test_batch_processes_files_without_loading_them(logic, obliqueVolume, tmp_pa
     assert (out / "scan1_report.json").is_file()
     again = logic.batch([str(p) for p in paths], str(out), model=TINY_MODEL, device="cpu")
     assert [r["status"] for r in again] == ["skipped", "skipped"]
+
+
+def _referenceFor(volume):
+    """Reference segmentation: the ellipse of the test volume as 'Lens nucleus', a ring as 'Lens capsule'."""
+    array = slicer.util.arrayFromVolume(volume)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in array.shape], indexing="ij")
+    r = ((i - 24) / 14.0) ** 2 + ((j - 20) / 9.0) ** 2
+    labels = np.zeros(array.shape, np.uint8)
+    labels[r < 1.0] = 1
+    labels[r < 0.6] = 3
+    segmentation = mrml.update_segmentation(labels, volume, ASOCT_CLASSES, name="ground truth", show3D=False)
+    return segmentation, labels
+
+
+def test_reference_gives_measured_calibration_table_and_plots(logic, obliqueVolume):
+    reference, labels = _referenceFor(obliqueVolume)
+    result = logic.segment(obliqueVolume, model=TINY_MODEL, reference=reference, device="cpu")
+    np.testing.assert_array_equal(result.reference, labels)
+    table = result.table
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert {"name", "voxels", "volume_ml", "dice", "ece", "bece"} <= set(columns)
+    for row, segment in enumerate(result.report.segments):
+        assert table.GetCellText(row, columns.index("name")) == segment.name
+        assert int(table.GetCellText(row, columns.index("voxels"))) == segment.voxels
+        for column in ("dice", "ece", "volume_ml"):
+            value = table.GetTable().GetColumnByName(column).GetValue(row)  # the double, not its text
+            assert value == pytest.approx(getattr(segment, column), rel=1e-12, nan_ok=True)
+    assert table.GetColumnUnitLabel("volume_ml") == "mL"
+    # Overall reliability diagram first: its bins table holds the report's non-empty bins.
+    assert result.plots and result.plots[0].GetAttribute(mrml.KIND_ATTRIBUTE) == "all"
+    reliability = result.report.summary["reliability"]
+    keep = np.asarray(reliability["count"]) > 0
+    series = result.plots[0].GetNthPlotSeriesNode(0)
+    bins = slicer.util.arrayFromTableColumn(series.GetTableNode(), "Accuracy")
+    np.testing.assert_allclose(bins, np.asarray(reliability["accuracy"])[keep])
+    counts = slicer.util.arrayFromTableColumn(series.GetTableNode(), "Count")
+    np.testing.assert_array_equal(counts, np.asarray(reliability["count"])[keep])
+    chart = result.plots[0]
+    assert (chart.GetXAxisRange()[0], chart.GetXAxisRange()[1]) == (0.0, 1.0)
+    # With a reference the boundary map is the signed calibration error: diverging table, window -0.5..0.5.
+    boundary = result.heatmaps["boundary"].GetDisplayNode()
+    assert (boundary.GetWindowLevelMin(), boundary.GetWindowLevelMax()) == (-0.5, 0.5)
+    values = slicer.util.arrayFromVolume(result.heatmaps["boundary"])
+    assert values.min() >= -1.0 and values.max() <= 1.0 and np.isfinite(values).all()
+
+
+def test_dropping_the_reference_removes_stale_plots(logic, obliqueVolume, cleanScene):
+    reference, _ = _referenceFor(obliqueVolume)
+    first = logic.segment(obliqueVolume, model=TINY_MODEL, reference=reference, device="cpu")
+    assert cleanScene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == len(first.plots) > 0
+    again = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=first.segmentation)
+    assert again.plots == [] and cleanScene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 0
+    assert cleanScene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 0
+    assert again.heatmaps["boundary"].GetDisplayNode().GetWindowLevelMin() == 0.0  # label-free again
+
+
+def test_reference_with_foreign_segment_names_is_refused(logic, obliqueVolume, cleanScene):
+    from LensSegCalibLib import InputError
+
+    foreign = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "foreign")
+    foreign.SetReferenceImageGeometryParameterFromVolumeNode(obliqueVolume)
+    foreign.GetSegmentation().AddEmptySegment("liver", "Liver", (1, 0, 0))
+    before = _nodeIds(cleanScene)
+    with pytest.raises(InputError, match="Rename the reference segments"):
+        logic.segment(obliqueVolume, model=TINY_MODEL, reference=foreign, device="cpu")
+    assert _nodeIds(cleanScene) == before
