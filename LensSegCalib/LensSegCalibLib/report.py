@@ -346,5 +346,77 @@ def calibration_report(
 
 def _reference_metrics(prediction: "Prediction", ref: np.ndarray, spacing: tuple[float, ...], band_mm: float,
                        n_bins: int) -> dict[str, Any]:
-    """All reference-based numbers from ``LensSegCalibLib.metrics`` (one case, batch axis added here)."""
-    raise NotImplementedError
+    """All reference-based numbers from ``LensSegCalibLib.metrics`` (one case, batch axis added here).
+
+    Case level: top-label ECE (all voxels and reference foreground), class-wise ECE, BECE (top-label and
+    BECE_cw), pECE (official), NLL, Brier, top-label reliability bins. Per segment c: Dice, IoU, HD95, ASSD,
+    ECE over the reference voxels of c, class-wise ECE_c, BECE_c, one-vs-rest pECE of ``p_c``, NLL and Brier
+    over the reference voxels of c, per-class reliability bins (``p_c`` vs ``[reference = c]``).
+    """
+    from . import metrics as M
+
+    probs = np.asarray(prediction.probabilities)[None]  # the very array the user gets, (1, C, *S)
+    y = np.ascontiguousarray(ref)[None].astype(np.int64, copy=False)
+    pred = np.asarray(prediction.labels)[None]
+    num_classes = probs.shape[1]
+
+    acc = M.CalibrationAccumulator(n_bins=n_bins, scores=True)
+    acc.update(probs, y)
+    cal = acc.compute()
+    bc = M.boundary_calibration(probs, y, spacing, band_mm, n_bins, classwise=True)
+    fg = y != 0
+    summary = {
+        "ece": cal.ece,
+        "ece_fg": float(M.ece(probs, y, n_bins, mask=fg)) if fg.any() else math.nan,
+        "classwise_ece": cal.classwise_ece,
+        "bece": bc.bece,
+        "bece_cw": bc.bece_cw,
+        "pece": float(M.pece(probs, y)),
+        "nll": cal.nll,
+        "brier": cal.brier,
+        "reliability": _reliability_dict(cal.reliability),
+        "band_voxels_reference": int(bc.band_voxels[0]),
+    }
+    seg_metrics = _segmentation_metrics(pred, y, num_classes, spacing)
+    per_class_rel = cal.classwise_reliability
+    segments: dict[int, dict[str, Any]] = {}
+    for c in range(1, num_classes):
+        mask = y == c
+        present = bool(mask.any())
+        one_vs_rest = np.stack([1.0 - probs[:, c].astype(np.float32), probs[:, c].astype(np.float32)], axis=1)
+        segments[c] = {
+            **seg_metrics[c],
+            "ece": float(M.ece(probs, y, n_bins, mask=mask)) if present else math.nan,
+            "classwise_ece": float(cal.classwise_ece_per_class[c]),
+            "bece": float(bc.bece_classwise[c - 1]),
+            "pece": float(M.pece(one_vs_rest, mask.astype(np.int64))),
+            "nll": float(M.nll(probs, y, mask=mask)) if present else math.nan,
+            "brier": float(M.brier(probs, y, mask=mask)) if present else math.nan,
+            "reliability": _reliability_dict(per_class_rel, row=c),
+        }
+    return {"summary": summary, "segments": segments}
+
+
+def _reliability_dict(rel: Any, row: int | None = None) -> dict[str, list[float]]:
+    """Reliability bins as plain lists (one class row of per-class bins when ``row`` is given)."""
+    pick = (lambda a: np.asarray(a)[row]) if row is not None else np.asarray  # noqa: E731
+    return {
+        "edges": np.asarray(rel.edges, dtype=float).tolist(),
+        "count": pick(rel.count).astype(int).tolist(),
+        "mean_confidence": pick(rel.mean_confidence).astype(float).tolist(),
+        "accuracy": pick(rel.accuracy).astype(float).tolist(),
+        "gap": pick(rel.gap).astype(float).tolist(),
+    }
+
+
+def _segmentation_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int,
+                          spacing: tuple[float, ...]) -> dict[int, dict[str, float]]:
+    """Dice, IoU, HD95 and ASSD (mm) per foreground class from ``LensSegCalibLib.metrics``."""
+    from . import metrics as M
+
+    res = M.segmentation_metrics(pred, ref, num_classes, spacing=spacing)  # (1, C) arrays, class 0 first
+    out: dict[int, dict[str, float]] = {}
+    for c in range(1, num_classes):
+        out[c] = {"dice": float(res.dice[0, c]), "iou": float(res.iou[0, c]), "hd95_mm": float(res.hd95[0, c]),
+                  "assd_mm": float(res.assd[0, c])}
+    return out
