@@ -40,7 +40,7 @@ def prepare_inputs(
         num_classes: expected ``C``; ``None`` accepts whatever the logits have.
 
     Returns:
-        ``(z, y)``: ``z`` float32 view/copy of the logits (differentiable), ``y`` int64 ``(B, *S)`` on the
+        ``(z, y)``: ``z`` the logits as float32 (float64 kept; differentiable), ``y`` int64 ``(B, *S)`` on the
         logits' device. The inputs are never modified.
 
     Raises:
@@ -82,7 +82,8 @@ def prepare_inputs(
                 f"labels must lie in 0..{logits.shape[1] - 1} (C = {logits.shape[1]} logit channels); got values "
                 f"{int(lo)}..{int(hi)}. Map the reference's label values to consecutive class indices."
             )
-    return logits.float(), y
+    # float16/bfloat16 -> float32 (softmax and log saturate in half precision); float64 stays float64.
+    return (logits if logits.dtype == torch.float64 else logits.float()), y
 
 
 @contextlib.contextmanager

@@ -25,6 +25,36 @@ _log = logging.getLogger(__name__)
 _TORCH_QUANTILE_LIMIT = 2**24  # torch.quantile raises above this many elements (METHODS.md 1.4)
 
 
+def _order_statistics(flat: torch.Tensor, k: int, pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k``-th and (``pair``) ``(k+1)``-th smallest elements of a 1-D tensor (1-based, exact).
+
+    On large CPU inputs a strided sample brackets the wanted ranks (Floyd–Rivest): one counting pass, one
+    masked selection, then ``kthvalue`` on the ~5 % of elements inside the bracket; the full selection is
+    the fallback whenever the bracket misses (the result is exact either way, only the time differs). On
+    CUDA ``kthvalue`` (radix select) is used directly: no host synchronisation.
+    """
+    n = flat.numel()
+    k2 = k + 1 if pair and k < n else k
+    if flat.device.type == "cpu" and n >= 1 << 16:
+        sample = flat[:: max(1, n // 8192)]
+        ns = sample.numel()
+        centre = (k - 0.5) / n * ns
+        margin = 3.0 * math.sqrt(ns)  # ~3 standard deviations of a sample rank
+        lo_v = sample.kthvalue(max(1, int(centre - margin))).values
+        hi_v = sample.kthvalue(min(ns, int(centre + margin) + 1)).values
+        n_below = int((flat < lo_v).sum())
+        inside = flat[(flat >= lo_v) & (flat <= hi_v)]
+        if n_below < k and n_below + inside.numel() >= k2:
+            v1 = inside.kthvalue(k - n_below).values
+            return v1, (inside.kthvalue(k2 - n_below).values if k2 != k else v1)
+    v1 = flat.kthvalue(k).values
+    if k2 == k:
+        return v1, v1
+    # (k+1)-th smallest: v1 again if at least k+1 elements are <= v1 (ties), else the smallest element above.
+    above = torch.where(flat > v1, flat, torch.full_like(v1, float("inf"))).amin()
+    return v1, torch.where((flat <= v1).sum() > k, v1, above)
+
+
 def exact_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """Linear-interpolation quantile of all elements of ``x``, exact and without a size limit.
 
@@ -33,9 +63,7 @@ def exact_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     interpolated with ``torch.lerp``. Above 2^24 elements the rank is formed in float64 from the Python
     float ``q`` (float32 cannot hold ``n − 1`` exactly any more).
 
-    Cost: one ``kthvalue`` (a selection, O(n)); the upper neighbour is found with one comparison pass
-    (smallest element above the lower one, or the lower one itself when it is tied), not a second selection
-    or a sort. Not differentiable (use it for thresholds).
+    Cost: a selection (O(n)), never a sort; see :func:`_order_statistics`. Not differentiable (thresholds).
 
     Args:
         x: float tensor of any shape, at least one element, no NaN.
@@ -64,14 +92,37 @@ def exact_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
         lo = min(int(math.floor(rank64)), n - 1)
         weight = torch.tensor(rank64 - lo, dtype=flat.dtype, device=flat.device)
         has_fraction = rank64 != lo
-    v_lo = flat.kthvalue(lo + 1).values
-    if not has_fraction or lo + 1 >= n:
-        return v_lo  # lerp(v_lo, v_hi, 0) == v_lo exactly, as torch.quantile gives
-    # (lo+2)-th smallest: v_lo again if at least lo+2 elements are <= v_lo, else the smallest element above it.
-    n_le = (flat <= v_lo).sum()
-    above = torch.where(flat > v_lo, flat, torch.full_like(v_lo, float("inf"))).amin()
-    v_hi = torch.where(n_le >= lo + 2, v_lo, above)
-    return torch.lerp(v_lo, v_hi, weight)
+    pair = has_fraction and lo + 1 < n
+    v_lo, v_hi = _order_statistics(flat, lo + 1, pair)
+    # lerp(v_lo, v_hi, 0) == v_lo exactly, as torch.quantile gives for an integer rank.
+    return torch.lerp(v_lo, v_hi, weight) if pair else v_lo
+
+
+class _WeightedTrueClassNLL(torch.autograd.Function):
+    """``Σ_i w_i · −log(p_y,i + eps)`` with ``p = softmax(z)`` and weights ``w = weights_fn(p_y)``.
+
+    The weights (group sizes and the detached threshold) are piecewise constant in ``z``, so their gradient
+    is zero, as in the official code. The fused backward ``∂/∂z = w·p_y/(p_y + eps) · (p − onehot(y))`` costs
+    one pass instead of autograd's gather-scatter plus softmax backward (about half the ACW step on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, weights_fn, eps):  # type: ignore[override]
+        p = torch.softmax(z, dim=1)
+        p_y = p.gather(1, y.unsqueeze(1)).reshape(-1)
+        w = weights_fn(p_y)
+        denom = p_y + eps
+        ctx.save_for_backward(p, y, w * p_y / denom)
+        return -(w * torch.log(denom)).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        p, y, coef = ctx.saved_tensors
+        c = (coef * grad_output).reshape(y.shape).unsqueeze(1)
+        grad = p * c
+        grad.scatter_add_(1, y.unsqueeze(1), -c)
+        return grad, None, None, None
 
 
 class ACWLoss(nn.Module):
@@ -130,31 +181,34 @@ class ACWLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z, y = prepare_inputs(logits, labels, self.num_classes)
         with float32_compute(z.device):
-            p_y = torch.softmax(z, dim=1).gather(1, y.unsqueeze(1)).reshape(-1)
-            nll = -torch.log(p_y + self.eps)
             if self.per_class:
-                return self._per_class(p_y, nll, y.reshape(-1), z.shape[1])
-            t = exact_quantile(p_y, self.q)
-            return self._grouped(p_y, nll, t)
+                flat_y = y.reshape(-1)
+                return _WeightedTrueClassNLL.apply(
+                    z, y, lambda p_y: self._per_class_weights(p_y, flat_y, z.shape[1]), self.eps
+                )
+            return _WeightedTrueClassNLL.apply(z, y, self._pooled_weights, self.eps)
 
-    def _grouped(self, p_y: torch.Tensor, nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``α·mean_H + (2−α)·mean_L`` as one weighted sum (no sync; an empty group has weight 0)."""
+    def _group_weights(self, p_y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-voxel weights ``α/|H|`` (``p_y > t``) or ``(2 − α)/|L|``; an empty group simply has no voxels."""
         high = p_y > t
         n_high = high.sum()
         n_low = high.numel() - n_high
-        w_high = self.alpha / n_high.clamp(min=1).to(nll.dtype)
-        w_low = (2.0 - self.alpha) / n_low.clamp(min=1).to(nll.dtype)
-        return (nll * torch.where(high, w_high, w_low)).sum()
+        w_high = self.alpha / n_high.clamp(min=1).to(p_y.dtype)
+        w_low = (2.0 - self.alpha) / n_low.clamp(min=1).to(p_y.dtype)
+        return torch.where(high, w_high, w_low)
 
-    def _per_class(self, p_y: torch.Tensor, nll: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def _pooled_weights(self, p_y: torch.Tensor) -> torch.Tensor:
+        return self._group_weights(p_y, exact_quantile(p_y, self.q))
+
+    def _per_class_weights(self, p_y: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         counts = torch.bincount(y, minlength=num_classes).tolist()  # one sync: which classes are present
         present = [c for c, n in enumerate(counts) if n > 0]
-        total = nll.new_zeros(())
+        w = torch.zeros_like(p_y)
         for c in present:
             sel = y == c
-            p_c, nll_c = p_y[sel], nll[sel]
-            total = total + self._grouped(p_c, nll_c, exact_quantile(p_c, self.q))
-        return total / len(present)
+            p_c = p_y[sel]
+            w[sel] = self._group_weights(p_c, exact_quantile(p_c, self.q)) / len(present)
+        return w
 
 
 @dataclass
