@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from .asoct import asoct_volume
 from .base import HELDOUT_SEED_START, Phantom
+from .ct import ct_head_volume
 
-__all__ = ["Phantom", "asoct_volume", "HELDOUT_SEED_START"]
+__all__ = ["Phantom", "asoct_volume", "ct_head_volume", "HELDOUT_SEED_START"]

@@ -1,0 +1,320 @@
+"""Head-CT phantom in Hounsfield units with both eye lenses labelled (DATA.md 4).
+
+Orientation (LPS, like a DICOM axial series, direction = identity): array ``(Z, Y, X)`` =
+(axial slices, inferior -> superior; anterior -> posterior; patient right -> patient left). Column 0 is the
+patient's right, so in radiological display (X to the right of the screen) the patient's right lens appears on
+the image *left*. Labels: 0 background, 1 right lens, 2 left lens.
+
+Forward model: the head is painted (later structures over earlier ones) on a fine z grid at the output
+in-plane sampling, averaged into slices with a box slice profile of the slice thickness, the lens is mixed in
+through its exact partial-volume fraction (supersampled 3 x 3 in-plane and ~0.3 mm in z), then an in-plane
+Gaussian blur (FWHM 0.6-1.2 mm), correlated Gaussian noise (SD 3-15 HU, more for held-out) and rounding to
+integer HU (int16 values stored as float32).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from .base import Phantom, check_seed, check_shape
+from .ct_params import sample_ct_params
+from .geometry import LensProfile, lens_profile
+
+__all__ = ["ct_head_volume", "CT_CLASS_NAMES", "DEFAULT_CT_SHAPE"]
+
+CT_CLASS_NAMES = ("background", "right_lens", "left_lens")
+#: 64 slices x 256 x 256 over a 220-245 mm field of view (0.86-0.96 mm pixels).
+DEFAULT_CT_SHAPE = (64, 256, 256)
+
+
+def _rot(axis: int, deg: float) -> np.ndarray:
+    c, s = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    m = np.eye(3)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+def ct_head_volume(
+    seed: int,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    split: Literal["train", "heldout"] = "train",
+    hard: bool = False,
+    **variation: Any,
+) -> Phantom:
+    """Axial head CT (HU) of one synthetic head, lenses labelled 1 (right) and 2 (left).
+
+    Args:
+        seed: generator seed (>= 0); seeds >= ``HELDOUT_SEED_START`` are for evaluation only.
+        shape: ``(nz, ny, nx)``; defaults to (64, 256, 256). The in-plane field of view stays 220-245 mm
+            unless ``pixel_mm`` is given; a field of view smaller than the head is centred on the eyes.
+            The slab (nz x slice thickness) is centred near the lenses.
+        split: ``"train"`` or ``"heldout"`` (0.625/5 mm slices, noise 15-25 HU, traumatic/calcified cataract,
+            pose +-20 deg with gantry tilt +-30 deg; one or two shifts, in ``meta["heldout_shifts"]``).
+        hard: same as ``split="heldout"``.
+        **variation: overrides (``ct_params.CT_VARIATION_KEYS``), e.g. ``ipd_mm=60``, ``slice_mm=3``,
+            ``pixel_mm=0.8``, ``noise_sd_hu=10``, ``lens_hu=115``, ``gantry_tilt_deg=0``.
+
+    Returns:
+        Phantom with ``image`` float32 HU, ``labels`` uint8, ``spacing`` (slice, pixel, pixel) mm,
+        ``lens_fraction`` float32 (either lens), ``origin``/``direction`` (LPS), ``meta["visible"]`` all True.
+
+    Example:
+        >>> ph = ct_head_volume(1, shape=(16, 96, 96), pixel_mm=0.9)
+        >>> sorted(set(ph.labels.ravel().tolist()))
+        [0, 1, 2]
+    """
+    seed = check_seed(seed)
+    rng = np.random.default_rng(seed)
+    p = sample_ct_params(rng, "heldout" if hard else split, dict(variation))
+    nz, ny, nx = check_shape(shape if shape is not None else DEFAULT_CT_SHAPE, (1, 16, 16))
+    px = float(p.get("pixel_mm", p["fov_mm"] / max(nx, ny)))
+    dz = float(p["slice_mm"])
+    head = _Head(p)
+    # scan frame = head frame rotated (pose + gantry tilt); S = R @ H
+    rot = _rot(0, p["gantry_tilt_deg"]) @ _rot(2, p["yaw_deg"]) @ _rot(0, p["pitch_deg"]) @ _rot(1, p["roll_deg"])
+    lens_scan = np.array([rot @ e.lens_center for e in head.eyes])
+    mid = lens_scan.mean(axis=0)
+    fov_x, fov_y, extent = nx * px, ny * px, nz * dz
+    if fov_y >= p["head_length_mm"] + 10 and fov_x >= p["head_width_mm"] + 10:
+        cx, cy = 0.0, 0.0
+    else:  # small field of view: keep the eyes in, near the front
+        cx, cy = float(mid[0]), float(mid[1] + max(0.0, min(fov_y / 2 - 25.0, p["head_length_mm"] / 2)))
+    cz = float(mid[2] + p["z_offset_frac"] * max(0.0, extent / 2 - 12.0))
+    x0, y0, z0 = cx - fov_x / 2 + px / 2, cy - fov_y / 2 + px / 2, cz - extent / 2 + dz / 2
+    xs, ys, zs = x0 + px * np.arange(nx), y0 + px * np.arange(ny), z0 + dz * np.arange(nz)
+
+    sub = int(np.clip(np.ceil(dz / 0.8), 1, 4))
+    image = np.empty((nz, ny, nx), np.float32)
+    for k in range(nz):
+        zf = zs[k] + ((np.arange(sub) + 0.5) / sub - 0.5) * dz
+        image[k] = head.paint(rot.T, xs, ys, zf).mean(axis=0)
+
+    labels = np.zeros((nz, ny, nx), np.uint8)
+    frac = np.zeros((nz, ny, nx), np.float32)
+    for value, eye in enumerate(head.eyes, start=1):
+        f, box = _lens_fraction(eye, rot, xs, ys, zs, dz)
+        hu = np.full(f.shape, eye.lens_hu, np.float32)
+        if p["calcified_lens"] and value == 1:
+            spots = rng.random(f.shape) < 0.12
+            hu = hu + spots * rng.uniform(30, 130, f.shape).astype(np.float32)
+        image[box] = image[box] * (1 - f) + hu * f
+        labels[box] = np.where(f >= 0.5, np.uint8(value), labels[box])
+        frac[box] = np.maximum(frac[box], f)
+
+    sig = float(p["blur_fwhm_mm"]) / 2.3548 / px
+    image = ndimage.gaussian_filter(image, (0, sig, sig), mode="nearest")
+    noise = rng.standard_normal(image.shape, dtype=np.float32)
+    c = float(p["noise_corr_px"])
+    noise = ndimage.gaussian_filter(noise, (0, c, c))
+    noise *= np.float32(p["noise_sd_hu"] / max(float(noise.std()), 1e-6))
+    image = np.round(image + noise).clip(-1024, 3071).astype(np.float32)
+
+    p.update(seed=seed, task="ct", shape=[nz, ny, nx], spacing_mm=[dz, px, px], pixel_mm=px,
+             slice_profile="box", fine_samples_per_slice=sub,
+             orientation="LPS; Z inferior->superior, Y anterior->posterior, X patient right->left; "
+                         "label 1 = patient right lens (low X index, image left in radiological display)",
+             lens_centers_lps_mm=[[float(v) for v in lc] for lc in lens_scan],
+             eyes=[e.as_dict() for e in head.eyes])
+    p["visible"] = np.ones((nz, ny, nx), bool)
+    return Phantom(image=image, labels=labels, spacing=(dz, px, px), meta=p, task="ct",
+                   class_names=CT_CLASS_NAMES, lens_fraction=frac, origin=(float(x0), float(y0), float(z0)))
+
+
+class _EyeCT:
+    """One globe with its lens and orbit, in the head frame (mm)."""
+
+    def __init__(self, p: dict[str, Any], side: int) -> None:
+        self.side = side  # -1 patient right (-x in LPS), +1 left
+        name = "right" if side < 0 else "left"
+        self.name = name
+        r = float(p["globe_radius_mm"])
+        x = side * float(p["ipd_mm"]) / 2
+        zc = float(p["eye_level_mm"])
+        a_x, a_y, a_z = p["head_width_mm"] / 2, p["head_length_mm"] / 2, p["head_height_mm"] / 2
+        y_skin = -a_y * np.sqrt(max(1 - (x / a_x) ** 2 - (zc / a_z) ** 2, 0.05))
+        self.center = np.array([x, y_skin + float(p["globe_recess_mm"]), zc])
+        self.radius = r
+        gy, gz = np.deg2rad(p["gaze_deg"])
+        ax = np.array([np.sin(gy) * side, -np.cos(gy) * np.cos(gz), np.sin(gz)])  # optical axis, anterior
+        self.axis = ax / np.linalg.norm(ax)
+        lt, d = float(p["lens_thickness_mm"]), float(p["lens_diameter_mm"])
+        h_a = 0.41 * lt
+        self.lens: LensProfile = lens_profile(d / 2, h_a, lt - h_a, 11.0, 6.5)
+        apex = self.center + self.axis * (r + 1.0)
+        self.lens_center = apex - self.axis * (float(p["anterior_lens_depth_mm"]) + h_a)
+        self.lens_hu = float(p[f"lens_hu_{name}"])
+        div = np.deg2rad(p["orbit_divergence_deg"])
+        e = np.array([side * np.sin(div), -np.cos(div), 0.05])
+        self.orbit_axis = e / np.linalg.norm(e)
+        depth = float(p["orbit_depth_mm"])
+        self.apex = self.center - self.orbit_axis * (depth - 0.6 * r)
+        self.orbit_len = depth + 2.0
+        self.tan = (r + 3.5) / (depth - 0.6 * r)
+        self.wall_len = depth - 0.6 * r + 3.0  # bony walls end a little in front of the globe centre
+        mid = (self.apex + self.center) / 2
+        self.bound = (mid, float(np.linalg.norm(self.apex - self.center) / 2 + r + 8.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"side": self.name, "globe_center_head_mm": self.center.round(3).tolist(),
+                "globe_radius_mm": self.radius, "lens_hu": self.lens_hu, "lens": self.lens.as_dict(),
+                "lens_center_head_mm": np.round(self.lens_center, 3).tolist()}
+
+
+class _Head:
+    """Painter's-algorithm head model; ``paint`` rasterises one stack of fine slices."""
+
+    def __init__(self, p: dict[str, Any]) -> None:
+        self.p = p
+        self.eyes = [_EyeCT(p, -1), _EyeCT(p, +1)]
+        self.semi = np.array([p["head_width_mm"], p["head_length_mm"], p["head_height_mm"]]) / 2
+        yg = float(np.mean([e.center[1] for e in self.eyes]))
+        self.y_orbit_back = yg + float(p["orbit_depth_mm"]) - 8.0
+        self.z_roof = float(p["eye_level_mm"]) + float(p["globe_radius_mm"]) + 4.0
+        self.y_globe = yg
+        self.x_face = float(p["ipd_mm"]) / 2 + float(p["globe_radius_mm"]) + 6.0
+
+    def paint(self, rt: np.ndarray, xs: np.ndarray, ys: np.ndarray, zf: np.ndarray) -> np.ndarray:
+        """HU on the grid ``(len(zf), len(ys), len(xs))`` of scan coordinates; ``rt`` maps scan -> head."""
+        p = self.p
+        X, Y, Z = xs.reshape(1, 1, -1), ys.reshape(1, -1, 1), zf.reshape(-1, 1, 1)
+        hx = (rt[0, 0] * X + rt[0, 1] * Y + rt[0, 2] * Z).astype(np.float32)
+        hy = (rt[1, 0] * X + rt[1, 1] * Y + rt[1, 2] * Z).astype(np.float32)
+        hz = (rt[2, 0] * X + rt[2, 1] * Y + rt[2, 2] * Z).astype(np.float32)
+        img = np.full(hx.shape, -1000.0, np.float32)
+
+        def ell(c: tuple[float, float, float], s: tuple[float, float, float]) -> np.ndarray:
+            return ((hx - c[0]) / s[0]) ** 2 + ((hy - c[1]) / s[1]) ** 2 + ((hz - c[2]) / s[2]) ** 2
+
+        sa = self.semi
+
+        # head "radius" g (1 on the skin): superellipsoid of exponent 3 in front (flatter face), ellipsoid behind;
+        # inner surfaces are the level sets g = 1 - depth / mean semi-axis (one evaluation for all shells)
+        ax, ay, az = np.abs(hx) / np.float32(sa[0]), hy / np.float32(sa[1]), np.abs(hz) / np.float32(sa[2])
+        front = hy < 0
+        g = np.where(front, np.cbrt(ax * ax * ax - ay * ay * ay + az * az * az), np.sqrt(ax * ax + ay * ay + az * az))
+        scale = float(np.mean(sa))
+        scalp, skull = float(p["scalp_mm"]), float(p["skull_thickness_mm"])
+
+        def level(depth_mm: float) -> float:
+            return 1.0 - depth_mm / scale
+
+        q_skin = g
+        outer = g <= level(scalp)
+        img[q_skin <= 1] = p["soft_hu"]
+        img[outer] = p["bone_hu"]
+        img[(g <= level(scalp + skull / 3)) & (g > level(scalp + 2 * skull / 3))] = p["diploe_hu"]
+        brain = g <= level(scalp + skull)
+        img[brain] = p["brain_hu"] + p["grey_white_hu"] / 2
+        white = ell((0, 8, 12), tuple((sa - scalp - skull) * 0.72)) <= 1
+        img[white & brain] = p["brain_hu"] - p["grey_white_hu"] / 2
+        vs = float(p["ventricle_scale"])
+        for sx in (-1, 1):
+            img[ell((sx * 7 * vs, 5, 18), (5 * vs, 22 * vs, 9 * vs)) <= 1] = p["csf_hu"]
+        # face block: in front of the middle cranial fossa and below the orbital roof -> soft tissue + plates
+        narrow = np.abs(hx) < self.x_face
+        face = (hy < self.y_orbit_back) & (hz < self.z_roof) & (q_skin <= 1) & narrow
+        img[face] = p["soft_hu"]
+        in_skull = outer & narrow
+        img[(hy >= self.y_orbit_back) & (hy < self.y_orbit_back + 4) & (hz < self.z_roof + 3) & in_skull] = p["bone_hu"]
+        img[(hz >= self.z_roof) & (hz < self.z_roof + 3) & (hy < self.y_orbit_back) & in_skull] = p["bone_hu"]
+        # lateral to the face: temporalis muscle over the skull at eye level
+        temporal = (q_skin <= 1) & ~outer & ~narrow & (np.abs(hz - float(p["eye_level_mm"])) < 40)
+        img[temporal] = p["muscle_hu"]
+        # paranasal air: ethmoid between the orbits, nasal cavity, maxillary and frontal sinuses
+        ze, yg, half = float(p["eye_level_mm"]), self.y_globe, float(p["ipd_mm"]) / 2 - float(p["globe_radius_mm"])
+        eth = (np.abs(hx) < max(half - 5.0, 4.0)) & (hy > yg - 6) & (hy < yg + 28) & (np.abs(hz - ze) < 12)
+        img[eth] = -900.0
+        img[(np.abs(hx) < 7) & (hy > yg - 10) & (hy < yg + 35) & (hz < ze - 10) & (hz > ze - 55)] = -1000.0
+        for sx in (-1, 1):
+            img[ell((sx * (half + 14), yg + 8, ze - 32), (13, 16, 15)) <= 1] = -1000.0
+        img[ell((0, yg - 6, ze + 26), (14, 5, 8)) <= 1] = -1000.0
+        for eye in self.eyes:  # only inside the eye's bounding sphere (speed)
+            c, rad = eye.bound
+            near = (hx - c[0]) ** 2 + (hy - c[1]) ** 2 + (hz - c[2]) ** 2 < rad**2
+            if not near.any():
+                continue
+            jj, ii = np.nonzero(near.any(axis=(0, 2)))[0], np.nonzero(near.any(axis=(0, 1)))[0]
+            box = (slice(None), slice(jj[0], jj[-1] + 1), slice(ii[0], ii[-1] + 1))
+            self._paint_eye(img[box], hx[box], hy[box], hz[box], eye)
+        return img
+
+    def _paint_eye(self, img: np.ndarray, hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, eye: _EyeCT) -> None:
+        p = self.p
+        dx, dy, dz = hx - eye.apex[0], hy - eye.apex[1], hz - eye.apex[2]
+        t = dx * eye.orbit_axis[0] + dy * eye.orbit_axis[1] + dz * eye.orbit_axis[2]
+        rho = np.sqrt(np.maximum(dx * dx + dy * dy + dz * dz - t * t, 0))
+        along = (t > 0) & (t < eye.orbit_len)
+        cone = t * eye.tan
+        img[along & (t < eye.wall_len) & (rho < cone + 1.5)] = p["orbit_wall_hu"]
+        fat = along & (rho < cone)
+        img[fat] = p["fat_hu"]
+        # four recti: bands along the orbital wall, up/down/medial/lateral of the axis
+        up = np.array([0.0, 0.0, 1.0])
+        f1 = np.cross(eye.orbit_axis, up)
+        f1 /= np.linalg.norm(f1)
+        f2 = np.cross(f1, eye.orbit_axis)
+        ang = np.arctan2(dx * f2[0] + dy * f2[1] + dz * f2[2], dx * f1[0] + dy * f1[1] + dz * f1[2])
+        musc = fat & (t > 4) & (t < eye.orbit_len - eye.radius * 0.9) & (rho > 0.6 * cone) & (rho < 0.92 * cone)
+        for a0 in (0.0, np.pi / 2, np.pi, -np.pi / 2):
+            img[musc & (np.abs(np.angle(np.exp(1j * (ang - a0)))) < 0.3)] = p["muscle_hu"]
+        # optic nerve: from the posterior pole to the orbital apex
+        pole = eye.center - eye.axis * eye.radius
+        seg = eye.apex - pole
+        L2 = float(seg @ seg)
+        s = np.clip(((hx - pole[0]) * seg[0] + (hy - pole[1]) * seg[1] + (hz - pole[2]) * seg[2]) / L2, 0, 1)
+        dn = (hx - pole[0] - s * seg[0]) ** 2 + (hy - pole[1] - s * seg[1]) ** 2 + (hz - pole[2] - s * seg[2]) ** 2
+        img[dn < 2.2**2] = p["nerve_hu"]
+        # globe: sclera, cornea cap, vitreous, aqueous, eyelids
+        gx, gy, gz = hx - eye.center[0], hy - eye.center[1], hz - eye.center[2]
+        d2 = gx * gx + gy * gy + gz * gz
+        proj = gx * eye.axis[0] + gy * eye.axis[1] + gz * eye.axis[2]
+        r = eye.radius
+        lid_r = r + 1.3
+        lids = (d2 > lid_r**2) & (d2 < (lid_r + p["eyelid_mm"]) ** 2) & (proj > 0.55 * np.sqrt(d2))
+        img[lids] = p["soft_hu"]
+        cc = r + 1.0 - 7.8  # cornea sphere centre along the axis
+        dc2 = (gx - cc * eye.axis[0]) ** 2 + (gy - cc * eye.axis[1]) ** 2 + (gz - cc * eye.axis[2]) ** 2
+        img[d2 < r * r] = p["sclera_hu"]
+        img[(dc2 < 7.8**2) & (proj > 0)] = p["sclera_hu"]
+        img[d2 < (r - 1.0) ** 2] = p["vitreous_hu"]
+        img[(dc2 < 7.2**2) & (proj > 0)] = p["vitreous_hu"]
+
+
+def _lens_fraction(eye: _EyeCT, rot: np.ndarray, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray,
+                   dz: float) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """Partial-volume fraction of the lens in its bounding box of output voxels, and that box."""
+    c = rot @ eye.lens_center
+    rad = float(np.hypot(eye.lens.a, max(eye.lens.h_a, eye.lens.h_p))) + 0.5
+    px = float(xs[1] - xs[0]) if xs.size > 1 else 1.0
+
+    def rng_idx(v: np.ndarray, lo: float, hi: float, half: float) -> slice:
+        i0 = int(np.clip(np.searchsorted(v + half, lo), 0, v.size))
+        i1 = int(np.clip(np.searchsorted(v - half, hi, side="right"), i0, v.size))
+        return slice(i0, i1)
+
+    box = (rng_idx(zs, c[2] - rad, c[2] + rad, dz / 2), rng_idx(ys, c[1] - rad, c[1] + rad, px / 2),
+           rng_idx(xs, c[0] - rad, c[0] + rad, px / 2))
+    shape = tuple(s.stop - s.start for s in box)
+    if min(shape) == 0:
+        return np.zeros(shape, np.float32), box
+    sxy, sz = 3, int(np.clip(np.ceil(dz / 0.3), 2, 17))
+    oxy = ((np.arange(sxy) + 0.5) / sxy - 0.5) * px
+    oz = ((np.arange(sz) + 0.5) / sz - 0.5) * dz
+    Z = (zs[box[0]].reshape(-1, 1) + oz).reshape(-1, 1, 1)
+    Y = (ys[box[1]].reshape(-1, 1) + oxy).reshape(1, -1, 1)
+    X = (xs[box[2]].reshape(-1, 1) + oxy).reshape(1, 1, -1)
+    # scan -> lens frame: head coords = rot.T @ scan, then relative to the lens centre along the eye axis
+    rt = rot.T
+    hx = rt[0, 0] * X + rt[0, 1] * Y + rt[0, 2] * Z - eye.lens_center[0]
+    hy = rt[1, 0] * X + rt[1, 1] * Y + rt[1, 2] * Z - eye.lens_center[1]
+    hz = rt[2, 0] * X + rt[2, 1] * Y + rt[2, 2] * Z - eye.lens_center[2]
+    w = -(hx * eye.axis[0] + hy * eye.axis[1] + hz * eye.axis[2])  # posterior-positive lens axis
+    r2 = hx * hx + hy * hy + hz * hz - w * w
+    inside = eye.lens.inside(r2.astype(np.float32), w.astype(np.float32))
+    f = inside.reshape(shape[0], sz, shape[1], sxy, shape[2], sxy).mean(axis=(1, 3, 5), dtype=np.float32)
+    return f, box
