@@ -9,7 +9,7 @@ exportNode/loadSegmentation/loadTable`` work, installs import stand-ins for what
 (``qt``, ``ctk``, ``slicer.i18n``, ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``)
 and puts ``LensSegCalib/`` on ``sys.path``. After that a plain Python process can::
 
-    import headless_slicer
+    sys.path.insert(0, "Testing"); import headless_slicer      # or load the file with importlib
     scene = headless_slicer.start()
     import LensSegCalib
     logic = LensSegCalib.LensSegCalibLogic()
@@ -343,6 +343,24 @@ def _parameter_wrapper_stub() -> types.ModuleType:
     return stub
 
 
+def _import_slicer() -> Any:
+    """``import slicer`` without picking up ``Testing/slicer/`` (our test folder) as part of the package.
+
+    The ``slicer`` meta-package of slicer-core calls ``pkgutil.extend_path``: every ``sys.path`` entry with a
+    ``slicer/`` sub-folder adds its modules to the package, and pytest or ``python Testing/<script>.py`` puts
+    ``Testing/`` on ``sys.path``. Hide that entry for the first import (later imports reuse ``sys.modules``).
+    """
+    if "slicer" in sys.modules:
+        return sys.modules["slicer"]
+    testing = str(REPO_ROOT / "Testing")
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != testing]
+    try:
+        return importlib.import_module("slicer")
+    finally:
+        sys.path[:] = saved
+
+
 def start(temporaryPath: Optional[str] = None) -> Any:
     """Build the headless Slicer once per process and return its ``vtkMRMLScene`` (later calls reuse it).
 
@@ -355,7 +373,7 @@ def start(temporaryPath: Optional[str] = None) -> Any:
     Raises:
         RuntimeError: inside the real Slicer application (the harness must not replace its scene).
     """
-    import slicer
+    slicer = _import_slicer()
     import vtk
 
     if getattr(slicer, "_lensSegCalibHeadless", None) is not None:
@@ -530,7 +548,7 @@ def _smoke(argv: Optional[list] = None) -> int:
     import numpy as np
 
     scene = start()
-    import slicer
+    slicer = _import_slicer()
 
     import LensSegCalib  # noqa: F401  (import check: the thin module loads under the stand-ins)
 

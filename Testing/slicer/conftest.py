@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,20 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/ (the harness)
-import headless_slicer  # noqa: E402
 
-TINY_MODEL = "test-asoct-tiny"
-# Spacing of the test volumes (array order, mm). The tiny model uses the same grid: no resampling cost.
-TEST_SPACING = (0.5, 0.02, 0.03)
-ASOCT_CLASSES = [
-    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80],
-     "terminology": "Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure"
-                    "~99LSC^1001^Lens capsule~^^~~^^~^^"},
-    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
-    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
-]
+def _loadHarness():
+    """Import Testing/headless_slicer.py by path: putting Testing/ on sys.path would let the ``slicer``
+    meta-package (pkgutil.extend_path) pick up this very folder, Testing/slicer/, as part of itself."""
+    if "headless_slicer" in sys.modules:
+        return sys.modules["headless_slicer"]
+    path = Path(__file__).resolve().parents[1] / "headless_slicer.py"
+    spec = importlib.util.spec_from_file_location("headless_slicer", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["headless_slicer"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+headless_slicer = _loadHarness()
+headless_slicer._import_slicer()  # before any test module's `import slicer` (see _import_slicer)
+from lsc_testdata import ASOCT_CLASSES, TEST_SPACING, TINY_MODEL, obliqueIJKToRAS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +80,6 @@ def logic(slicerEnv, tinyCatalog):
     import LensSegCalib
 
     return LensSegCalib.LensSegCalibLogic(catalogPath=tinyCatalog)
-
-
-def obliqueIJKToRAS(shape_kji: tuple) -> np.ndarray:
-    """IJK-to-RAS with TEST_SPACING, an origin off zero and a rotated, reflected direction."""
-    angle = np.deg2rad(30.0)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, -1.0]])
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation * np.asarray(TEST_SPACING[::-1])[None, :]  # column i scaled by spacing of i
-    matrix[:3, 3] = (12.5, -40.0, 7.25)
-    return matrix
 
 
 @pytest.fixture

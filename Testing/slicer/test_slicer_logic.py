@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 import slicer
-from conftest import ASOCT_CLASSES, TEST_SPACING, TINY_MODEL, obliqueIJKToRAS
+from lsc_testdata import ASOCT_CLASSES, TEST_SPACING, TINY_MODEL, obliqueIJKToRAS
 
 from LensSegCalibLib import Cancelled, mrml
 
