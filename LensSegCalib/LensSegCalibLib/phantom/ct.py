@@ -119,6 +119,7 @@ def ct_head_volume(
              orientation="LPS; Z inferior->superior, Y anterior->posterior, X patient right->left; "
                          "label 1 = patient right lens (low X index, image left in radiological display)",
              lens_centers_lps_mm=[[float(v) for v in lc] for lc in lens_scan],
+             globe_centers_lps_mm=[[float(v) for v in rot @ e.center] for e in head.eyes],
              eyes=[e.as_dict() for e in head.eyes])
     p["visible"] = np.ones((nz, ny, nx), bool)
     return Phantom(image=image, labels=labels, spacing=(dz, px, px), meta=p, task="ct",
