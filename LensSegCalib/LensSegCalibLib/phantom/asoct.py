@@ -260,12 +260,17 @@ def _render_bscan(eye: _Eye, theta: float, jitter: float, shape: tuple[int, int]
     thick = th0 * (0.55 + 0.45 * np.exp(-(((s - 0.35) / 0.3) ** 2))) * np.minimum(1.0, 0.45 + s * 6)
     mid = (1 - s) * (y_pm - thick / 2) + s * y_root + float(p["iris_bow_mm"]) * np.sin(np.pi * s)
     back = np.minimum(mid + thick / 2, lens_top_mm - 0.03)  # never through the lens
-    front = np.maximum(back - thick, post + 0.05)
+    # anterior stroma surface with crypts/folds: smooth random relief along the meridian
+    knots = np.arange(-8.5, 8.6, 0.3)
+    relief = np.interp(xs, knots, rng.standard_normal(knots.size)) * float(p["iris_roughness_mm"])
+    front = np.maximum(back - np.maximum(thick + relief, 0.5 * thick), post + 0.05)
     iris_col = (r_abs >= rp) & (r_abs <= r_root)
     in_iris = iris_col & (ycol >= front) & (ycol <= back)
     tex = _smooth_noise(rng, shape, (0.08 / sy, 0.05 / sx)) * 0.15
-    b = np.where(in_iris, np.clip(p["iris_level"] * (1 - 0.25 * (ycol - front) / np.maximum(thick, 1e-3)) + tex,
-                                  0.1, 1.0), b).astype(np.float32)
+    stroma_level = p["iris_level"] * (1 - 0.3 * (ycol - front) / np.maximum(back - front, 1e-3)) + tex
+    pigment = ycol > back - max(0.06, 1.5 * sy)  # bright posterior pigment epithelium
+    iris_level = np.where(pigment, p["iris_pigment_level"] + 0.5 * tex, stroma_level)
+    b = np.where(in_iris, np.clip(iris_level, 0.1, 1.0), b).astype(np.float32)
     behind_iris = iris_col & (ycol > back)
     # ciliary body under the sclera beyond the iris root: grey, strongly attenuating
     cil = (r_abs > r_root) & (ycol > post) & (ycol < post + 1.8)
@@ -283,23 +288,25 @@ def _render_bscan(eye: _Eye, theta: float, jitter: float, shape: tuple[int, int]
     below_lens = ycol > eye.lens_center[2]
     b = np.where((b == 0) & below_lens & ~behind_iris, np.float32(p["vitreous_level"]), b)
 
-    # ---- eyelids (superior/inferior meridians) ----
-    lid = np.zeros(nx, bool)
+    # ---- eyelids: tissue over the peripheral cornea in superior/inferior meridians, rounded margin;
+    # their attenuation (mu * thickness) makes the shadow, partial near the margin ----
+    lid_th = np.zeros(nx)
     if p["eyelids"]:
         vert = xs * np.sin(np.deg2rad(theta))  # superior coordinate of each A-scan (mm)
-        lid = (vert > float(p["upper_lid_mm"])) | (vert < -float(p["lower_lid_mm"]))
-    lid_tissue = lid & (ycol < ant - 0.05) & (ycol > ant - 1.2)
-    b = np.where(lid_tissue, np.float32(0.45) + tex, b)
+        over = np.maximum(vert - float(p["upper_lid_mm"]), -vert - float(p["lower_lid_mm"]))
+        lid_th = float(p["lid_thickness_mm"]) * np.sqrt(np.clip(over / 0.8, 0.0, 1.0))
+    lid_tissue = (ycol < ant - 0.03) & (ycol > ant - 0.03 - lid_th)
+    b = np.where(lid_tissue, np.float32(p["lid_level"]) + tex, b).astype(np.float32)
+    mu += np.where(lid_tissue, np.float32(p["lid_mu_per_mm"]), 0).astype(np.float32)
 
     # ---- attenuation, shadows, roll-off, focus (dB) ----
     loss = _DB_PER_MU_MM * np.cumsum(mu, axis=0) * sy
     loss += np.where(behind_iris, np.float32(p["iris_shadow_db"]), 0)
-    loss += np.where(lid & (ycol >= ant - 0.05), np.float32(p["iris_shadow_db"] * 0.7), 0)
     zopt = np.cumsum(n_idx, axis=0) * sy
     loss += p["rolloff_db"] * zopt / (FIELD_OF_VIEW_MM[0] * 1.36)
     loss += p["focus_db"] * np.minimum(((ycol - eye.lens_center[2]) / p["focus_range_mm"]) ** 2, 1.0)
     dr, f0, looks = float(p["dynamic_range_db"]), float(p["floor_level"]), int(p["looks"])
-    visible = (loss < 0.6 * dr) & ~behind_iris & ~lid
+    visible = (loss < 0.6 * dr) & ~behind_iris
     bias = -10 * np.log10(np.e) * (special.digamma(looks) - np.log(looks))  # speckle log bias (dB)
     noise_db = 10 * np.log10(np.log(2.0))
     sig_db = (b - f0) / (1 - f0) * dr + noise_db + bias - loss
@@ -350,7 +357,7 @@ def _lens_levels(eye: _Eye, r2: np.ndarray, w: np.ndarray, az: np.ndarray, nfrac
         spokes = 0.0
         for k, phi in enumerate(np.deg2rad(np.linspace(0, 360, 6, endpoint=False) + 23 * g + 11)):
             dphi = np.angle(np.exp(1j * (az - phi)))
-            spokes = np.maximum(spokes, np.exp(-((dphi / 0.12) ** 2)) * np.clip((r2 / lens.a**2 - 0.45) / 0.2, 0, 1))
+            spokes = np.maximum(spokes, np.exp(-((dphi / 0.12) ** 2)) * np.clip((r2 / lens.a**2 - 0.12) / 0.2, 0, 1))
         out = np.maximum(out, (0.4 + 0.25 * spokes) * spokes * (uc < 1.0))
     if p["posterior_subcapsular"]:
         psc = (w > 0) & (w > wp - 0.25) & (r2 < 1.2**2)

@@ -19,7 +19,8 @@ __all__ = ["VARIATION_KEYS", "HELDOUT_SHIFTS", "sample_asoct_params"]
 #: Held-out shifts of DATA.md 3.5 (each alone or combined when ``split="heldout"``).
 HELDOUT_SHIFTS = ("old_age", "dense_cataract", "strong_tilt", "small_pupil", "low_dynamic_range", "n_bscans")
 
-#: Keywords accepted by ``asoct_volume(**variation)`` (each overrides the sampled value of that name).
+#: Keywords accepted by ``asoct_volume(**variation)`` besides every sampled parameter name in ``meta``
+#: (each overrides the sampled value of that name).
 VARIATION_KEYS = (
     # contract keywords
     "age", "cataract_grade", "tilt_deg", "decentration_mm", "pupil_mm", "dynamic_range_db", "looks",
@@ -126,7 +127,7 @@ def sample_asoct_params(
         "lt": 0.2 * z[2], "d": 0.3 * z[3], "ra": 1.0 * z[4], "rp": z[5], "acd": 0.25 * z[6], "nt": 0.25 * z[7],
         "cat": z[8], "cortex_age": z[9],
     }
-    u2 = rng.random(16)  # second block, fixed order too
+    u2 = rng.random(24)  # second block, fixed order too (append new draws at the end only)
     p["cortical_cataract"] = bool(u2[0] < 0.25)
     p["posterior_subcapsular"] = bool(u2[1] < 0.1)
     p["iris_shadow_db"] = 35 + 25 * u2[2]
@@ -143,11 +144,18 @@ def sample_asoct_params(
     p["vitreous_level"] = 0.04 * u2[13]
     p["streak_level"] = 0.3 + 0.5 * u2[14]
     p["streak_width_mm"] = 0.006 + 0.024 * u2[15]
+    p["lid_thickness_mm"] = 1.5 + 1.5 * u2[16]
+    p["lid_mu_per_mm"] = 2.0 + 2.0 * u2[17]
+    p["lid_level"] = 0.35 + 0.25 * u2[18]
+    p["iris_pigment_level"] = 0.65 + 0.3 * u2[19]
+    p["iris_roughness_mm"] = 0.02 + 0.06 * u2[20]
     p["rp_mm"] = 5.5 + 2.0 * (0.5 + 0.5 * np.tanh(res["rp"]))  # U-like spread over [5.5, 7.5]
 
     # ---- overrides ----
+    # any sampled parameter may be overridden, plus the derived anatomy keys listed in VARIATION_KEYS
+    allowed = (set(p) | set(VARIATION_KEYS)) - {"split", "heldout_shifts"}
     apply_overrides(p, {k: v for k, v in variation.items() if k not in ("cortex_level", "nucleus_ratio")},
-                    VARIATION_KEYS)
+                    allowed)
     _check_ranges(p)
 
     # ---- derived anatomy (after overrides so age/grade drive it) ----

@@ -92,7 +92,7 @@ def sample_ct_params(rng: np.random.Generator, split: Literal["train", "heldout"
     p["gaze_deg"] = [float(8 * (2 * u[42] - 1)), float(8 * (2 * u[43] - 1))]
     p["ventricle_scale"] = 0.8 + 0.5 * u[44]
     p["quantize"] = True
-    apply_overrides(p, variation, CT_VARIATION_KEYS)
+    apply_overrides(p, variation, (set(p) | set(CT_VARIATION_KEYS)) - {"split", "heldout_shifts"})
     for key, (lo, hi) in {"ipd_mm": (40, 90), "slice_mm": (0.3, 10), "noise_sd_hu": (0, 200),
                           "globe_radius_mm": (8, 16), "lens_thickness_mm": (2, 7), "lens_diameter_mm": (6, 12),
                           "pixel_mm": (0.1, 5), "gantry_tilt_deg": (-45, 45)}.items():
