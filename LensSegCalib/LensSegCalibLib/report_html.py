@@ -47,7 +47,7 @@ def figure_png(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=72)  # fixed layout: no extra layout draw passes
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -66,15 +66,27 @@ def _pyplot() -> Any:
 
 
 def _slice_figure(report: "CalibrationReport") -> str | None:
-    """Image with predicted (solid) and reference (dashed) outlines, confidence and heat map with colour bars."""
+    """Image with predicted (solid) and reference (dashed) outlines, confidence and heat map with colour bars.
+
+    The base64 PNG is cached in ``report.preview`` (the HTML and the demo's preview PNG share one rendering).
+    """
     pv = report.preview
     if not pv or pv.get("labels") is None:
         return None
+    if pv.get("_slice_png"):
+        return str(pv["_slice_png"])
+    pv["_slice_png"] = _render_slice_figure(report)
+    return str(pv["_slice_png"])
+
+
+def _render_slice_figure(report: "CalibrationReport") -> str:
+    pv = report.preview
     plt = _pyplot()
     labels = pv["labels"]
     sy, sx = pv.get("spacing", (1.0, 1.0))
     extent = (0, labels.shape[1] * sx, labels.shape[0] * sy, 0)  # mm, so anisotropic voxels look right
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    fig.subplots_adjust(left=0.04, right=0.97, bottom=0.12, top=0.9, wspace=0.25)
     base = pv.get("image")
     ax = axes[0]
     ax.imshow(base if base is not None else np.zeros(labels.shape), cmap="gray", extent=extent, interpolation="nearest")
@@ -90,17 +102,17 @@ def _slice_figure(report: "CalibrationReport") -> str | None:
     ax.set_title(f"slice {pv.get('slice_index', 0)}: prediction (solid), reference (dashed)", fontsize=9)
     im = axes[1].imshow(pv["confidence"], cmap="inferno", vmin=0, vmax=1, extent=extent, interpolation="nearest")
     axes[1].set_title("confidence (max p)", fontsize=9)
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=axes[1], shrink=0.8)
     heat = np.asarray(pv["heatmap"], dtype=float)
     signed = pv.get("heatmap_kind", "").startswith("signed")
     masked = np.ma.masked_invalid(heat)
     if signed:
         im2 = axes[2].imshow(masked, cmap="RdBu_r", vmin=-0.5, vmax=0.5, extent=extent, interpolation="nearest")
-        axes[2].set_title("signed boundary calibration (conf - hit; red = over-confident)", fontsize=9)
+        axes[2].set_title("signed calibration in band (red: over-confident)", fontsize=9)
     else:
         im2 = axes[2].imshow(masked, cmap="viridis", vmin=0, vmax=1, extent=extent, interpolation="nearest")
         axes[2].set_title("boundary uncertainty (entropy in band)", fontsize=9)
-    fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.04)
+    fig.colorbar(im2, ax=axes[2], shrink=0.8)
     for a in axes:
         a.set_xlabel("mm")
     return figure_png(fig)
@@ -109,7 +121,8 @@ def _slice_figure(report: "CalibrationReport") -> str | None:
 def _segment_figure(seg: "SegmentReport") -> str:
     """Reliability diagram (with a reference) and the confidence histogram of one segment."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.85, wspace=0.3)
     ax = axes[0]
     rel = seg.reliability
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
