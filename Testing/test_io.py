@@ -152,3 +152,27 @@ def test_sha256_of_array_detects_a_changed_voxel():
     b = a.copy()
     b[1, 2, 3] += 1
     assert io.sha256_array(b) != h and io.sha256_array(a.copy()) == h
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path: Path, suffix: str):
+    rng = np.random.default_rng(1)
+    array = rng.normal(size=(3, 40, 48)).astype(np.float32)
+    good = io.write_volume(tmp_path / f"good{suffix}", array, io.Geometry((1, 1, 1)))
+    np.testing.assert_array_equal(io.read_image(good).array, array)  # complete files still read
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated"):
+        io.read_image(cut)
+
+
+def test_itk_write_error_on_a_full_disk_says_disk_full(tmp_path: Path, monkeypatch):
+    def itk_failure(image, name, *args):
+        Path(name).write_bytes(b"part")
+        raise RuntimeError("itk::ERROR: NrrdImageIO: couldn't write gzip data")
+
+    monkeypatch.setattr(sitk, "WriteImage", itk_failure)
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    with pytest.raises(OutputError, match="disk is full"):
+        io.write_volume(tmp_path / "x.nrrd", np.zeros((2, 2, 2), np.float32), io.Geometry((1, 1, 1)))
+    assert list(tmp_path.iterdir()) == []

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import hashlib
 import os
+import shutil
+import struct
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +149,71 @@ def full_suffix(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (``vox_offset + voxels·bitpix/8``) from its header, or None if unknown."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1 : ndim + 1]):
+        return None
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    return int(offset) + voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI: ITK's reader zero-fills a short payload without any error."""
+    suffix = full_suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    truncated = False
+    if suffix == ".nii":
+        with open(path, "rb") as fh:
+            expected = _nifti_expected_bytes(fh.read(540))
+        truncated = expected is not None and path.stat().st_size < expected
+    else:
+        try:
+            with gzip.open(path, "rb") as fh:
+                expected = _nifti_expected_bytes(fh.read(540))
+            if expected is None:
+                return
+            with open(path, "rb") as raw:  # fast path: gzip trailer holds the size (mod 2^32) of one member
+                raw.seek(-4, os.SEEK_END)
+                isize = struct.unpack("<I", raw.read(4))[0]
+            if isize != expected % 2**32:
+                total = 0  # slow path (multi-member or damaged file): decompress and count
+                with gzip.open(path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        total += len(chunk)
+                truncated = total < expected
+        except (EOFError, OSError, zlib.error):
+            truncated = True
+    if truncated:
+        raise InputError(
+            f"{path} is truncated (its header promises more voxel data than the file holds). Copy or export "
+            "the file again; a partial download or a full disk usually causes this."
+        )
+
+
 def _read_sitk(path: Path) -> Any:
     import SimpleITK as sitk
 
     if not path.exists():
         raise InputError(f"Input not found: {path}. Check the path (and that the drive is mounted).")
+    if path.is_file():
+        _check_nifti_complete(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -347,7 +411,11 @@ def write_volume(
         try:
             sitk.WriteImage(image, str(tmp), compress)
         except RuntimeError as exc:
-            raise OSError(errno.EIO, f"SimpleITK could not write the file ({str(exc).strip()[-200:]})") from exc
+            # ITK reports a full disk as a generic write error: tell the two apart by the free space left.
+            if shutil.disk_usage(tmp.parent).free < max(np.asarray(array).nbytes // 4, 1 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device") from exc
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            raise OSError(errno.EIO, f"SimpleITK could not write the file ({lines[0] if lines else exc})") from exc
     return Path(path)
 
 
