@@ -71,6 +71,7 @@ def ct_head_volume(
     seed = check_seed(seed)
     rng = np.random.default_rng(seed)
     p = sample_ct_params(rng, "heldout" if hard else split, dict(variation))
+    p["seed"] = seed
     nz, ny, nx = check_shape(shape if shape is not None else DEFAULT_CT_SHAPE, (1, 16, 16))
     px = float(p.get("pixel_mm", p["fov_mm"] / max(nx, ny)))
     dz = float(p["slice_mm"])
@@ -178,6 +179,13 @@ class _Head:
         self.z_roof = float(p["eye_level_mm"]) + float(p["globe_radius_mm"]) + 4.0
         self.y_globe = yg
         self.x_face = float(p["ipd_mm"]) / 2 + float(p["globe_radius_mm"]) + 6.0
+        wr = np.random.default_rng([int(p["seed"]), 3])  # texture/distractors: fixed per head
+        self.waves = [tuple(float(v) for v in (*wr.normal(0, 0.25, 3), wr.uniform(0, 2 * np.pi))) for _ in range(3)]
+        self.calcs = []
+        for _ in range(int(wr.integers(0, 4))):
+            side = wr.choice([-1.0, 1.0])
+            centre = (side * wr.uniform(8, 20), wr.uniform(10, 35), wr.uniform(5, 25))
+            self.calcs.append((centre, float(wr.uniform(1.0, 3.0)), float(wr.uniform(80, 300))))
 
     def paint(self, rt: np.ndarray, xs: np.ndarray, ys: np.ndarray, zf: np.ndarray) -> np.ndarray:
         """HU on the grid ``(len(zf), len(ys), len(xs))`` of scan coordinates; ``rt`` maps scan -> head."""
@@ -189,7 +197,11 @@ class _Head:
         img = np.full(hx.shape, -1000.0, np.float32)
 
         def ell(c: tuple[float, float, float], s: tuple[float, float, float]) -> np.ndarray:
-            return ((hx - c[0]) / s[0]) ** 2 + ((hy - c[1]) / s[1]) ** 2 + ((hz - c[2]) / s[2]) ** 2
+            # python floats keep the float32 arrays float32 (NumPy scalars would promote to float64)
+            c0, c1, c2 = (float(v) for v in c)
+            i0, i1, i2 = (1.0 / float(v) for v in s)
+            a, b, d = (hx - c0) * i0, (hy - c1) * i1, (hz - c2) * i2
+            return a * a + b * b + d * d
 
         sa = self.semi
 
@@ -216,24 +228,43 @@ class _Head:
         vs = float(p["ventricle_scale"])
         for sx in (-1, 1):
             img[ell((sx * 7 * vs, 5, 18), (5 * vs, 22 * vs, 9 * vs)) <= 1] = p["csf_hu"]
-        # face block: in front of the middle cranial fossa and below the orbital roof -> soft tissue + plates
+        # gyral texture: a few fixed random waves (3-D consistent, cheap)
+        wave = sum(np.sin(kx * hx + ky * hy + kz * hz + ph) for kx, ky, kz, ph in self.waves)
+        img += np.float32(1.5) * wave * brain
+        # face block: in front of the middle cranial fossa (whose front runs obliquely from the lateral orbital
+        # wall to the orbital apex, like the greater sphenoid wings), below the orbital roof
         narrow = np.abs(hx) < self.x_face
-        face = (hy < self.y_orbit_back) & (hz < self.z_roof) & (q_skin <= 1) & narrow
+        y_back = self.y_orbit_back - 0.8 * np.maximum(np.abs(hx) - 12.0, 0.0)
+        face = (hy < y_back) & (hz < self.z_roof) & (q_skin <= 1) & narrow
         img[face] = p["soft_hu"]
         in_skull = outer & narrow
-        img[(hy >= self.y_orbit_back) & (hy < self.y_orbit_back + 4) & (hz < self.z_roof + 3) & in_skull] = p["bone_hu"]
-        img[(hz >= self.z_roof) & (hz < self.z_roof + 3) & (hy < self.y_orbit_back) & in_skull] = p["bone_hu"]
+        img[(hy >= y_back) & (hy < y_back + 3) & (hz < self.z_roof + 3) & in_skull] = p["bone_hu"]
+        img[(hz >= self.z_roof) & (hz < self.z_roof + 3) & (hy < y_back) & in_skull] = p["bone_hu"]
         # lateral to the face: temporalis muscle over the skull at eye level
         temporal = (q_skin <= 1) & ~outer & ~narrow & (np.abs(hz - float(p["eye_level_mm"])) < 40)
         img[temporal] = p["muscle_hu"]
-        # paranasal air: ethmoid between the orbits, nasal cavity, maxillary and frontal sinuses
+        # nose: soft-tissue wedge in front of the face, longer further down, nasal bones at the top
         ze, yg, half = float(p["eye_level_mm"]), self.y_globe, float(p["ipd_mm"]) / 2 - float(p["globe_radius_mm"])
+        y_face = -float(sa[1]) * 0.97
+        length = np.clip((ze + 8 - hz) * 0.55, 0, float(p["nose_length_mm"]))
+        ahead = y_face - hy  # mm in front of the face plane
+        nose = (hz < ze + 8) & (hz > ze - 55) & (ahead > -5) & (ahead < length) & \
+            (np.abs(hx) < 0.45 * (length - ahead) + 1.5)
+        img[nose] = p["soft_hu"]
+        img[nose & (hz > ze - 22) & (ahead > length - 4) & (ahead < length - 2)] = p["bone_hu"] * 0.7
+        # paranasal air: ethmoid between the orbits, sphenoid behind it, nasal cavity, maxillary and frontal
         eth = (np.abs(hx) < max(half - 5.0, 4.0)) & (hy > yg - 6) & (hy < yg + 28) & (np.abs(hz - ze) < 12)
-        img[eth] = -900.0
+        septa = (np.abs(np.sin(0.9 * hx + 0.3 * hz)) < 0.12) | (np.abs(np.sin(0.7 * hy + 1.0)) < 0.12)
+        img[eth] = np.where(septa[eth], np.float32(250.0), np.float32(-950.0))
+        sph = (np.abs(hx) < 11) & (hy > yg + 30) & (hy < self.y_orbit_back - 3) & (np.abs(hz - ze + 4) < 11)
+        img[sph & (np.abs(hx) > 0.8)] = -1000.0
         img[(np.abs(hx) < 7) & (hy > yg - 10) & (hy < yg + 35) & (hz < ze - 10) & (hz > ze - 55)] = -1000.0
         for sx in (-1, 1):
             img[ell((sx * (half + 14), yg + 8, ze - 32), (13, 16, 15)) <= 1] = -1000.0
         img[ell((0, yg - 6, ze + 26), (14, 5, 8)) <= 1] = -1000.0
+        # distractors: calcified choroid plexus / pineal (bright dots in the brain)
+        for (cx, cy, cz), r, hu in self.calcs:
+            img[ell((cx, cy, cz), (r, r, r)) <= 1] = hu
         for eye in self.eyes:  # only inside the eye's bounding sphere (speed)
             c, rad = eye.bound
             near = (hx - c[0]) ** 2 + (hy - c[1]) ** 2 + (hz - c[2]) ** 2 < rad**2
@@ -246,8 +277,11 @@ class _Head:
 
     def _paint_eye(self, img: np.ndarray, hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, eye: _EyeCT) -> None:
         p = self.p
-        dx, dy, dz = hx - eye.apex[0], hy - eye.apex[1], hz - eye.apex[2]
-        t = dx * eye.orbit_axis[0] + dy * eye.orbit_axis[1] + dz * eye.orbit_axis[2]
+        # python floats keep the float32 arrays float32
+        ax_, ay_, az_ = eye.apex.tolist()
+        ex, ey, ez = eye.orbit_axis.tolist()
+        dx, dy, dz = hx - ax_, hy - ay_, hz - az_
+        t = dx * ex + dy * ey + dz * ez
         rho = np.sqrt(np.maximum(dx * dx + dy * dy + dz * dz - t * t, 0))
         along = (t > 0) & (t < eye.orbit_len)
         cone = t * eye.tan
@@ -255,31 +289,37 @@ class _Head:
         fat = along & (rho < cone)
         img[fat] = p["fat_hu"]
         # four recti: bands along the orbital wall, up/down/medial/lateral of the axis
-        up = np.array([0.0, 0.0, 1.0])
-        f1 = np.cross(eye.orbit_axis, up)
+        f1 = np.cross(eye.orbit_axis, np.array([0.0, 0.0, 1.0]))
         f1 /= np.linalg.norm(f1)
         f2 = np.cross(f1, eye.orbit_axis)
-        ang = np.arctan2(dx * f2[0] + dy * f2[1] + dz * f2[2], dx * f1[0] + dy * f1[1] + dz * f1[2])
+        (f1x, f1y, f1z), (f2x, f2y, f2z) = f1.tolist(), f2.tolist()
         musc = fat & (t > 4) & (t < eye.orbit_len - eye.radius * 0.9) & (rho > 0.6 * cone) & (rho < 0.92 * cone)
-        for a0 in (0.0, np.pi / 2, np.pi, -np.pi / 2):
-            img[musc & (np.abs(np.angle(np.exp(1j * (ang - a0)))) < 0.3)] = p["muscle_hu"]
+        if musc.any():
+            ang = np.arctan2(dx * f2x + dy * f2y + dz * f2z, dx * f1x + dy * f1y + dz * f1z)
+            for a0 in (0.0, np.pi / 2, np.pi, -np.pi / 2):
+                dang = np.abs((ang - a0 + np.pi) % (2 * np.pi) - np.pi)
+                img[musc & (dang < 0.3)] = p["muscle_hu"]
         # optic nerve: from the posterior pole to the orbital apex
         pole = eye.center - eye.axis * eye.radius
         seg = eye.apex - pole
-        L2 = float(seg @ seg)
-        s = np.clip(((hx - pole[0]) * seg[0] + (hy - pole[1]) * seg[1] + (hz - pole[2]) * seg[2]) / L2, 0, 1)
-        dn = (hx - pole[0] - s * seg[0]) ** 2 + (hy - pole[1] - s * seg[1]) ** 2 + (hz - pole[2] - s * seg[2]) ** 2
+        inv_l2 = 1.0 / float(seg @ seg)
+        (px_, py_, pz_), (sx_, sy_, sz_) = pole.tolist(), seg.tolist()
+        qx, qy, qz = hx - px_, hy - py_, hz - pz_
+        s = np.clip((qx * sx_ + qy * sy_ + qz * sz_) * inv_l2, 0, 1)
+        dn = (qx - s * sx_) ** 2 + (qy - s * sy_) ** 2 + (qz - s * sz_) ** 2
         img[dn < 2.2**2] = p["nerve_hu"]
         # globe: sclera, cornea cap, vitreous, aqueous, eyelids
-        gx, gy, gz = hx - eye.center[0], hy - eye.center[1], hz - eye.center[2]
+        cx_, cy_, cz_ = eye.center.tolist()
+        gax, gay, gaz = eye.axis.tolist()
+        gx, gy, gz = hx - cx_, hy - cy_, hz - cz_
         d2 = gx * gx + gy * gy + gz * gz
-        proj = gx * eye.axis[0] + gy * eye.axis[1] + gz * eye.axis[2]
+        proj = gx * gax + gy * gay + gz * gaz
         r = eye.radius
         lid_r = r + 1.3
         lids = (d2 > lid_r**2) & (d2 < (lid_r + p["eyelid_mm"]) ** 2) & (proj > 0.55 * np.sqrt(d2))
         img[lids] = p["soft_hu"]
         cc = r + 1.0 - 7.8  # cornea sphere centre along the axis
-        dc2 = (gx - cc * eye.axis[0]) ** 2 + (gy - cc * eye.axis[1]) ** 2 + (gz - cc * eye.axis[2]) ** 2
+        dc2 = (gx - cc * gax) ** 2 + (gy - cc * gay) ** 2 + (gz - cc * gaz) ** 2
         img[d2 < r * r] = p["sclera_hu"]
         img[(dc2 < 7.8**2) & (proj > 0)] = p["sclera_hu"]
         img[d2 < (r - 1.0) ** 2] = p["vitreous_hu"]

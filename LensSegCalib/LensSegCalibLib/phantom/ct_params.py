@@ -92,6 +92,8 @@ def sample_ct_params(rng: np.random.Generator, split: Literal["train", "heldout"
     p["gaze_deg"] = [float(8 * (2 * u[42] - 1)), float(8 * (2 * u[43] - 1))]
     p["ventricle_scale"] = 0.8 + 0.5 * u[44]
     p["quantize"] = True
+    u3 = rng.random(8)  # later additions: appended, never reordered
+    p["nose_length_mm"] = 18 + 12 * u3[0]
     apply_overrides(p, variation, (set(p) | set(CT_VARIATION_KEYS)) - {"split", "heldout_shifts"})
     for key, (lo, hi) in {"ipd_mm": (40, 90), "slice_mm": (0.3, 10), "noise_sd_hu": (0, 200),
                           "globe_radius_mm": (8, 16), "lens_thickness_mm": (2, 7), "lens_diameter_mm": (6, 12),
