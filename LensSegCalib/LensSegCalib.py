@@ -487,13 +487,15 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
 
     def batch(self, paths_or_glob: Any, out_dir: str, model: str = DEFAULT_MODEL, device: str = "auto",
               overwrite: bool = False, progress: Optional[Callable] = None,
-              cancel: Optional[threading.Event] = None) -> list:
+              cancel: Optional[threading.Event] = None, inProcess: bool = True) -> list:
         """Segment image files one at a time (never loaded into the scene); write the CLI's outputs per file.
 
         Args:
             paths_or_glob: a glob pattern (``"/data/*.nrrd"``), one path, or a list of paths.
             out_dir: output folder (created).
             overwrite: replace existing outputs (else finished inputs are skipped).
+            inProcess: False runs ``Scripts/run_inference.py`` in a child process (Slicer's Python): memory
+                is returned when it ends and ``cancel`` stops it at once.
 
         Returns:
             One dict per input: ``{"input", "status": "done"|"skipped"|"failed", "error", "outputs"}``.
@@ -505,6 +507,16 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
             paths = [str(p) for p in paths_or_glob]
         if not paths:
             raise InputError(f"No input files match {paths_or_glob!r}; check the folder and the pattern.")
+        if not inProcess:
+            import shutil
+            import sys
+
+            python = shutil.which("PythonSlicer") or sys.executable  # Slicer's interpreter, same packages
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Scripts", "run_inference.py")
+            command = [python, script, "--out", str(out_dir), "--model", model, "--device", device]
+            command += (["--catalog", str(self.catalogPath)] if self.catalogPath else [])
+            command += (["--overwrite"] if overwrite else []) + ["--"] + paths
+            return mrml.run_child_batch(command, progress=progress, cancel=cancel)
         return mrml.batch_files(paths, out_dir, self.segmenter(model, device), overwrite=overwrite,
                                 progress=progress, cancel=cancel)
 

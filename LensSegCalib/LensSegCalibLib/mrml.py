@@ -61,6 +61,8 @@ __all__ = [
     "batch_files",
     "phantom_classes",
     "add_phantom",
+    "parse_progress_line",
+    "run_child_batch",
 ]
 
 #: LPS <-> RAS: negate the first two physical axes (its own inverse).
@@ -939,3 +941,81 @@ def add_phantom(phantom: Any, name: str, classes: Sequence[Mapping[str, Any]]) -
     display.SetVisibility(False)
     volume.GetDisplayNode().AutoWindowLevelOn()
     return volume, reference
+
+
+# ------------------------------------------------------------------------------------------ child process
+def parse_progress_line(line: str) -> Optional[tuple]:
+    """``"PROGRESS 0.42 text"`` -> ``(0.42, "text")``; any other line -> None (log text)."""
+    parts = line.rstrip("\n").split(" ", 2)
+    if len(parts) < 2 or parts[0] != "PROGRESS":
+        return None
+    try:
+        fraction = float(parts[1])
+    except ValueError:
+        return None
+    return min(max(fraction, 0.0), 1.0), parts[2] if len(parts) > 2 else ""
+
+
+def run_child_batch(command: Sequence[str], *, progress: Any = None, cancel: Any = None,
+                    terminateTimeout: float = 10.0) -> list:
+    """Run ``Scripts/run_inference.py`` (``command``) and follow its PROGRESS/CASE lines.
+
+    Args:
+        command: the full command line (interpreter, script, arguments); no shell.
+        progress: ``progress(fraction, message)``, called from this thread.
+        cancel: ``threading.Event``: SIGTERM to the child (it stops within one batch), then kill after
+            ``terminateTimeout`` seconds.
+
+    Returns:
+        The per-input rows the child reported.
+
+    Raises:
+        Cancelled: ``cancel`` was set. ModelError: the child could not load the model (exit 2) or crashed.
+    """
+    import json
+    import logging
+    import queue
+    import subprocess
+    import threading
+
+    from .errors import Cancelled, ModelError
+
+    report = progress or (lambda fraction, message: None)
+    lines: "queue.Queue" = queue.Queue()
+    child = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def read() -> None:
+        for text in child.stdout:
+            lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    rows, log, cancelled = [], [], False
+    while True:
+        if cancel is not None and cancel.is_set() and not cancelled:
+            cancelled = True
+            child.terminate()
+            try:
+                child.wait(timeout=terminateTimeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        try:
+            text = lines.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if text is None:
+            break
+        parsed = parse_progress_line(text)
+        if parsed is not None:
+            report(*parsed)
+        elif text.startswith("CASE "):
+            rows.append(json.loads(text[5:]))
+        else:
+            log.append(text.rstrip())
+            logging.info("LensSegCalib child: %s", text.rstrip())
+    code = child.wait()
+    if cancelled or code == 130:
+        raise Cancelled("Batch cancelled; finished cases keep their outputs, nothing half-written is left.")
+    if code not in (0, 1):
+        raise ModelError(f"The inference process failed (exit code {code}): {' | '.join(log[-5:])}")
+    return rows

@@ -227,3 +227,22 @@ def test_reference_with_foreign_segment_names_is_refused(logic, obliqueVolume, c
     with pytest.raises(InputError, match="Rename the reference segments"):
         logic.segment(obliqueVolume, model=TINY_MODEL, reference=foreign, device="cpu")
     assert _nodeIds(cleanScene) == before
+
+
+def test_batch_in_a_child_process_streams_progress_and_matches_in_process(logic, obliqueVolume, tmp_path):
+    path = tmp_path / "scan.nrrd"
+    assert slicer.util.exportNode(obliqueVolume, str(path))
+    seen = []
+    rows = logic.batch([str(path)], str(tmp_path / "child"), model=TINY_MODEL, device="cpu", inProcess=False,
+                       progress=lambda f, m: seen.append((f, m)))
+    assert [r["status"] for r in rows] == ["done"]
+    assert seen[0][0] == 0.0 and seen[-1][0] == pytest.approx(1.0)
+    assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
+    logic.batch([str(path)], str(tmp_path / "here"), model=TINY_MODEL, device="cpu")
+    assert (tmp_path / "child" / "scan_report.csv").read_text() == (tmp_path / "here" / "scan_report.csv").read_text()
+
+
+@pytest.mark.parametrize("line, parsed", [("PROGRESS 0.25 Segmenting slice 3\n", (0.25, "Segmenting slice 3")),
+                                          ("PROGRESS 1.7", (1.0, "")), ("PROGRESS x y", None), ("hello", None)])
+def test_progress_line_protocol(line, parsed):
+    assert mrml.parse_progress_line(line) == parsed
