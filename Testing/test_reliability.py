@@ -110,6 +110,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     img = _volume()
     out = {"good": write_volume(d / "good.nrrd", img, geo), "good_nii": write_volume(d / "good2.nii.gz", img, geo)}
     raw = out["good"].read_bytes()
+    nii = out["good_nii"].read_bytes()
+    (d / "truncated_gz.nii.gz").write_bytes(nii[: len(nii) // 2])
+    out["truncated_gz"] = d / "truncated_gz.nii.gz"
+    plain = write_volume(d / "plain.nii", img, geo, compress=False).read_bytes()
+    (d / "truncated_nii.nii").write_bytes(plain[: len(plain) - 100])  # ITK would zero-fill the missing end
+    out["truncated_nii"] = d / "truncated_nii.nii"
     for name, data in {
         "truncated_nrrd": raw[: len(raw) // 2],
         "corrupt_header": raw.replace(b"sizes:", b"sizez:", 1),
@@ -399,15 +405,18 @@ def test_cli_shows_a_traceback_only_with_debug(catalog, tmp_path, capsys) -> Non
 
 # ============================================================================================ files
 def test_batch_goes_on_past_bad_files_and_lists_them_in_summary(catalog, files, tmp_path, capsys) -> None:
-    bad = ["truncated_nrrd", "corrupt_header", "not_an_image", "empty_file", "rgb", "four_d", "zero_spacing"]
+    bad = ["truncated_nrrd", "truncated_gz", "truncated_nii", "corrupt_header", "not_an_image", "empty_file", "rgb",
+           "four_d", "zero_spacing"]
     inputs = [files["good"], *(files[k] for k in bad), tmp_path / "missing.nrrd", files["two_d"]]
     before = _hashes({k: files[k] for k in ["good", *bad, "two_d"]})
     out = tmp_path / "out"
     assert _segment(catalog, out, *inputs) == 1  # 1 = some inputs failed
     rows = {r["case"]: r for r in _summary(out)}
-    assert [r["status"] for r in _summary(out)] == ["done"] + ["failed"] * 8 + ["done"]
+    assert [r["status"] for r in _summary(out)] == ["done"] + ["failed"] * 10 + ["done"]
     expected = {
         "truncated_nrrd": "expected 23040 bytes but received",
+        "truncated_gz": "is truncated",
+        "truncated_nii": "is truncated",
         "corrupt_header": "failed to parse",
         "not_an_image": "Unable to determine ImageIO reader",
         "empty_file": "Cannot read",
@@ -422,7 +431,7 @@ def test_batch_goes_on_past_bad_files_and_lists_them_in_summary(catalog, files, 
     assert rows["bscan2d"]["status"] == "done"  # a single 2D B-scan is a valid input for a 2D model
     assert _hashes({k: files[k] for k in ["good", *bad, "two_d"]}) == before  # inputs never modified
     assert not [n for n in os.listdir(out) if ".partial" in n]
-    assert "8 failed" in capsys.readouterr().err
+    assert "10 failed" in capsys.readouterr().err
 
 
 def test_no_overwrite_without_flag_and_overwrite_with_it(catalog, files, tmp_path, capsys) -> None:
