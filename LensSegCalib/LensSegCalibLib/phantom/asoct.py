@@ -30,7 +30,7 @@ DEFAULT_ASOCT_SHAPE = (16, 800, 800)
 FIELD_OF_VIEW_MM = (13.0, 16.0)
 #: Radius (mm) at which the z spacing is measured as arc length between meridians.
 NOMINAL_EQUATOR_MM = 4.65
-_DB_PER_MU_MM = 20.0 / np.log(10.0)  # two-way: 10 log10(exp(-2 mu s)) = -8.686 mu s
+_DB_PER_MU_MM = float(20.0 / np.log(10.0))  # two-way: 10 log10(exp(-2 mu s)) = -8.686 mu s
 
 
 def asoct_volume(
@@ -228,9 +228,9 @@ def _render_bscan(eye: _Eye, theta: float, jitter: float, shape: tuple[int, int]
     b = np.zeros(shape, np.float32)
     mu = np.zeros(shape, np.float32)
     n_idx = np.ones(shape, np.float32)  # group index, for roll-off along the optical path
-    ycol = ys.reshape(-1, 1)
+    ycol = ys.astype(np.float32).reshape(-1, 1)  # float32 image maths (float64 would double the cost)
     r_abs = np.abs(xs)
-    ant, post = _cornea(eye, r_abs)
+    ant, post = (v.astype(np.float32) for v in _cornea(eye, r_abs))
     rl = float(p["limbus_radius_mm"])
     in_cornea = (ycol >= ant) & (ycol < post)
     sclera_col = np.clip((r_abs - rl) / 0.5, 0.0, 1.0)  # 0 cornea .. 1 sclera, per column
@@ -307,8 +307,8 @@ def _render_bscan(eye: _Eye, theta: float, jitter: float, shape: tuple[int, int]
     loss += p["focus_db"] * np.minimum(((ycol - eye.lens_center[2]) / p["focus_range_mm"]) ** 2, 1.0)
     dr, f0, looks = float(p["dynamic_range_db"]), float(p["floor_level"]), int(p["looks"])
     visible = (loss < 0.6 * dr) & ~behind_iris
-    bias = -10 * np.log10(np.e) * (special.digamma(looks) - np.log(looks))  # speckle log bias (dB)
-    noise_db = 10 * np.log10(np.log(2.0))
+    bias = float(-10 * np.log10(np.e) * (special.digamma(looks) - np.log(looks)))  # speckle log bias (dB)
+    noise_db = float(10 * np.log10(np.log(2.0)))
     sig_db = (b - f0) / (1 - f0) * dr + noise_db + bias - loss
     refl = np.where(b > 0, np.power(np.float32(10.0), sig_db / 10), 0).astype(np.float32)
 
