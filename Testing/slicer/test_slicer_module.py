@@ -1,0 +1,82 @@
+"""The thin module file under the headless harness: metadata, sample data, terminology, self-test wiring."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import slicer
+
+from LensSegCalibLib import InputError, mrml
+
+
+def test_module_metadata():
+    import LensSegCalib
+
+    parent = types.SimpleNamespace()
+    LensSegCalib.LensSegCalib(parent)
+    assert parent.title == "LensSegCalib" and parent.categories == ["Segmentation"]
+    assert "2508.08705" in parent.helpText and "MONAI" in parent.helpText and parent.acknowledgementText
+
+
+def test_terminology_file_loads(logic):
+    assert logic.loadTerminology() == "Segmentation category and type - LensSegCalib"
+    entry = slicer.vtkSlicerTerminologyEntry()
+    text = ("Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure~SCT^78076003^Lens"
+            "~SCT^7771000^Left~~^^~^^")
+    assert slicer.modules.terminologies.logic().DeserializeTerminologyEntry(text, entry)
+    assert (entry.GetTypeObject().GetCodeMeaning(), entry.GetTypeModifierObject().GetCodeMeaning()) == ("Lens", "Left")
+
+
+def test_asoct_sample_data_is_generated_locally_with_its_ground_truth(logic):
+    from LensSegCalibLib.phantom import asoct_volume
+
+    volume, reference = logic.loadSampleData("asoct", seed=2, shape=(2, 64, 64))
+    phantom = asoct_volume(2, shape=(2, 64, 64))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), phantom.image)
+    assert volume.GetSpacing() == pytest.approx(tuple(phantom.spacing)[::-1])
+    classes = mrml.phantom_classes("asoct")
+    np.testing.assert_array_equal(mrml.labels_from_segmentation(reference, volume, classes), phantom.labels)
+    assert volume.GetName() == "LensSegCalib AS-OCT phantom"
+    with pytest.raises(InputError, match="Unknown sample"):
+        logic.loadSampleData("mri")
+
+
+def test_sample_data_is_registered_at_startup(monkeypatch, logic):
+    import LensSegCalib
+
+    registered = []
+    fake = types.ModuleType("SampleData")
+    fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kw: registered.append(kw))
+    monkeypatch.setitem(sys.modules, "SampleData", fake)
+    LensSegCalib._onStartupCompleted()
+    assert [r["sampleName"] for r in registered] == ["LensSegCalib AS-OCT phantom", "LensSegCalib CT head phantom"]
+    assert all(r["category"] == "LensSegCalib" and callable(r["customDownloader"]) for r in registered)
+    assert all(len(r["uris"]) == len(r["fileNames"]) == len(r["nodeNames"]) == 1 for r in registered)
+
+
+def test_heatmap_display_choice_and_threshold(logic, obliqueVolume):
+    from lsc_testdata import TINY_MODEL
+
+    for layout in ("Red", "Green"):  # what each slice view of the application has
+        node = slicer.vtkMRMLSliceCompositeNode()
+        node.SetLayoutName(layout)
+        slicer.mrmlScene.AddNode(node)
+    result = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    composite = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetNumberOfItems() >= 2
+    logic.showHeatmap(result, "entropy", opacity=0.3, threshold=0.8)
+    display = result.heatmaps["entropy"].GetDisplayNode()
+    assert (display.GetLowerThreshold(), display.GetUpperThreshold()) == pytest.approx((0.2, 1.0))
+    for index in range(composite.GetNumberOfItems()):
+        node = composite.GetItemAsObject(index)
+        assert node.GetForegroundVolumeID() == result.heatmaps["entropy"].GetID()
+        assert node.GetBackgroundVolumeID() == obliqueVolume.GetID() and node.GetForegroundOpacity() == 0.3
+    logic.showHeatmap(result, "confidence", threshold=0.9)
+    confidence = result.heatmaps["confidence"].GetDisplayNode()
+    assert (confidence.GetLowerThreshold(), confidence.GetUpperThreshold()) == pytest.approx((0.0, 0.9))
+    assert confidence.GetInvertDisplayScalarRange()  # low confidence is hot
+    logic.showHeatmap(result, "none")
+    for index in range(composite.GetNumberOfItems()):
+        assert composite.GetItemAsObject(index).GetForegroundVolumeID() is None
