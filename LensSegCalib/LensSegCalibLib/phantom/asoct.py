@@ -317,7 +317,8 @@ def _render_bscan(eye: _Eye, theta: float, jitter: float, shape: tuple[int, int]
     if p["specular_streak"]:
         prof = np.exp(-0.5 * (xs / max(p["streak_width_mm"], sx)) ** 2)
         streak = np.power(10.0, (p["streak_level"] * dr + noise_db) / 10) * prof * np.exp(-(ycol - eye.apex) / 6.0)
-        inten += np.where(ycol > eye.apex - 0.3, streak, 0).astype(np.float32) * rng.uniform(0.5, 1.5, (ny, 1)).astype(np.float32)
+        flicker = rng.uniform(0.5, 1.5, (ny, 1)).astype(np.float32)  # the streak is not uniform along depth
+        inten += np.where(ycol > eye.apex - 0.3, streak, 0).astype(np.float32) * flicker
     disp = log_compress(inten, dynamic_range_db=dr, floor_level=f0)
     disp = np.clip(p["gain"] * np.power(disp, p["gamma"]), 0, 1)
     if p["quantize_8bit"]:

@@ -72,7 +72,8 @@ def sample_asoct_params(
             pick = u[2:2 + len(options)] < 0.5
             shifts = [s for s, p in zip(options, pick) if p]
             if len(shifts) < 2:
-                shifts = [options[int(u[1] * len(options)) % len(options)], options[int(u[8] * len(options)) % len(options)]]
+                n = len(options)
+                shifts = [options[int(u[1] * n) % n], options[int(u[8] * n) % n]]
                 shifts = sorted(set(shifts), key=options.index)
 
     p: dict[str, Any] = {"split": split, "heldout_shifts": shifts}

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
 from .base import Phantom, check_seed, check_shape
 from .ct_params import sample_ct_params
 from .geometry import LensProfile, lens_profile

@@ -57,8 +57,8 @@ def sample_ct_params(rng: np.random.Generator, split: Literal["train", "heldout"
     p["traumatic_side"] = ("right" if u[6] < 0.5 else "left") if u[7] < (0.6 if cat else 0.05) else "none"
     p["traumatic_hu"] = 70 + 20 * u[8]
     p["calcified_lens"] = bool(u[9] < (0.4 if cat else 0.03))
-    p["slice_mm"] = float((_SLICES_HELDOUT if "thick_slices" in shifts else _SLICES_TRAIN)[
-        int(u[10] * (2 if "thick_slices" in shifts else len(_SLICES_TRAIN))) % (2 if "thick_slices" in shifts else len(_SLICES_TRAIN))])
+    choices = _SLICES_HELDOUT if "thick_slices" in shifts else _SLICES_TRAIN
+    p["slice_mm"] = float(choices[int(u[10] * len(choices)) % len(choices)])
     p["fov_mm"] = 220 + 25 * u[11]
     p["noise_sd_hu"] = 15 + 10 * u[12] if "high_noise" in shifts else 3 + 12 * u[12]
     p["noise_corr_px"] = 0.5 + 0.5 * u[13]
