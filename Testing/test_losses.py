@@ -298,6 +298,42 @@ def test_sdc_precomputed_targets_give_the_same_loss_and_are_validated():
         loss(logits, labels, sdf=sdf[:, :1])
 
 
+def _sam_reference(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Official SAM with OpenCV's calls replaced by scipy: 3×3 gradient (nearest border = OpenCV's default
+    morphology border for a 3×3 square), then a 3×3 mean with a reflect-101 ("mirror") border."""
+    square = np.ones((3, 3), bool)
+    maps = []
+    for c in range(num_classes):
+        m = (labels == c).astype(np.uint8)
+        grad = ndimage.grey_dilation(m, footprint=square, mode="nearest") - ndimage.grey_erosion(
+            m, footprint=square, mode="nearest")
+        maps.append(ndimage.uniform_filter(grad.astype(np.float64), size=3, mode="mirror"))
+    a = np.stack(maps)
+    return a / np.maximum(a.sum(0), 1e-6)
+
+
+def test_sam_targets_equal_the_official_morphology_on_random_label_maps():
+    g = np.random.default_rng(2)
+    labels = ndimage.zoom(g.integers(0, 4, (5, 7)), 3, order=0)[:13, :17]  # blocky 4-class map, 13×17
+    labels[0, 0] = 3  # a one-voxel island in a corner
+    ours = sam_targets(torch.from_numpy(labels)[None].long(), 4)[0].double().numpy()
+    np.testing.assert_allclose(ours, _sam_reference(labels, 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_sdc_fused_gradient_equals_autograd_of_the_formula(distance):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (2, 7, 6), generator=g)
+    SDCLoss(distance=distance, alpha=0.3, lam_sdf=5.0)(z, y).backward()
+    z2 = z.detach().clone().requires_grad_()
+    p = torch.softmax(z2, 1)
+    u, s = sam_targets(y, 3).double(), sdc_targets(y, 3).double()
+    dist = (lambda a, b: (a - b).abs().mean()) if distance == "l1" else (lambda a, b: (a - b).square().mean())
+    (F.cross_entropy(z2, y) + 0.3 * dist(u, p) + 0.05 * dist(2 * p - 1, s)).backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_sam_slicewise_3d_is_per_slice_2d_and_volumetric_option_differs():
     d, i, j = torch.meshgrid(torch.arange(6), torch.arange(9), torch.arange(9), indexing="ij")
     labels = (((d - 3) ** 2 + (i - 4) ** 2 + (j - 4) ** 2) <= 4).long()[None]  # ball in slices 1..5

@@ -15,7 +15,8 @@ Deviations from the official code, and why:
   ``sdf`` the forward computes them itself: on CUDA with cuCIM through
   ``monai.transforms.utils.distance_transform_edt`` (exact EDT on the GPU, no host round trip), otherwise
   with scipy's exact EDT in a single C call for all cases and classes (no Python loop over them; the labels
-  make one device→host trip). The SAM target is torch ``max_pool``/``avg_pool`` on the tensor's device.
+  make one device→host trip). The SAM target is integer box sums on the tensor's device (no scipy/OpenCV),
+  and the backward is fused (one custom autograd function), so a cached-target step costs a few CE passes.
 * 3D: the official code is 2D-slice-wise for SAM; that stays the default, ``slicewise_3d=False`` gives a
   3×3×3 neighbourhood. Optional ``spacing_mm`` for the EDT (official: voxel units).
 """
@@ -137,12 +138,21 @@ def sdc_targets(
     return -target if official_sign else target
 
 
-def _reflect101_pad(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Pad the last ``spatial_dims`` axes by one voxel, OpenCV BORDER_REFLECT_101 (size-1 axes: replicate)."""
+def _box_sum(x: torch.Tensor, spatial_dims: int, border: Literal["zero", "reflect101"]) -> torch.Tensor:
+    """Sum over the 3-voxel neighbourhood along each of the last ``spatial_dims`` axes (a 3×3(×3) box sum).
+
+    Separable shifted-slice adds work on uint8 (counts <= 27), about 50× faster on CPU than float
+    ``avg_pool2d``. ``border="zero"``: outside counts 0; ``"reflect101"``: OpenCV BORDER_REFLECT_101
+    (a size-1 axis replicates).
+    """
     for axis in range(x.ndim - spatial_dims, x.ndim):
         n = x.shape[axis]
-        idx = [1 if n > 1 else 0, *range(n), n - 2 if n > 1 else 0]
-        x = x.index_select(axis, torch.tensor(idx, device=x.device))
+        if border == "zero":
+            lo = hi = torch.zeros_like(x.narrow(axis, 0, 1))
+        else:
+            lo, hi = x.narrow(axis, 1 if n > 1 else 0, 1), x.narrow(axis, n - 2 if n > 1 else 0, 1)
+        padded = torch.cat([lo, x, hi], dim=axis)
+        x = padded.narrow(axis, 0, n) + padded.narrow(axis, 1, n) + padded.narrow(axis, 2, n)
     return x
 
 
@@ -151,7 +161,10 @@ def sam_targets(labels: torch.Tensor, num_classes: int, slicewise_3d: bool = Tru
 
     Per case and class: ``m_c = [label = c]``; ``g = dilate(m_c) − erode(m_c)`` with a 3×3 (3×3×3) square,
     the image border never changing either (OpenCV's default); ``a = mean filter 3×3 (3×3×3)`` with a
-    reflect-101 border; ``u_c = a_c / max(Σ_c a_c, 1e-6)``. Runs on the labels' device with pooling ops.
+    reflect-101 border; ``u_c = a_c / max(Σ_c a_c, 1e-6)``. Computed on the labels' device with integer box
+    sums: with ``n_c`` the number of in-image neighbours labelled c and ``n`` the number of in-image
+    neighbours, dilation is ``n_c > 0`` and erosion ``n_c = n``; the mean filter's 1/9 cancels in the
+    normalisation (box sums are integers, so ``Σ_c a_c`` is 0 or >= 1/9 and the 1e-6 floor only guards 0/0).
 
     Args:
         labels: int64 ``(B, H, W)`` or ``(B, D, H, W)``.
@@ -162,17 +175,52 @@ def sam_targets(labels: torch.Tensor, num_classes: int, slicewise_3d: bool = Tru
     Returns:
         float32 ``(B, C, *S)``, zero away from interfaces (more than ~2 voxels).
     """
-    m = one_hot(labels, num_classes, torch.float32)
-    shape = m.shape
-    if m.ndim == 5 and slicewise_3d:
-        m = m.reshape(shape[0], shape[1] * shape[2], shape[3], shape[4])  # D folded into channels
-    spatial = m.ndim - 2
-    max_pool = F.max_pool2d if spatial == 2 else F.max_pool3d
-    avg_pool = F.avg_pool2d if spatial == 2 else F.avg_pool3d
-    # max_pool pads with -inf: the border never wins a max/min, as OpenCV's default morphology border.
-    gradient = max_pool(m, 3, 1, 1) + max_pool(-m, 3, 1, 1)
-    agg = avg_pool(_reflect101_pad(gradient, spatial), 3, 1).reshape(shape)
-    return agg / agg.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    m = one_hot(labels, num_classes, torch.uint8)
+    spatial = 2 if (labels.ndim == 3 or slicewise_3d) else 3
+    count = _box_sum(m, spatial, "zero")
+    valid = _box_sum(torch.ones((1, 1, *m.shape[-spatial:]), dtype=torch.uint8, device=m.device), spatial, "zero")
+    gradient = ((count > 0) & (count < valid)).to(torch.uint8)
+    agg = _box_sum(gradient, spatial, "reflect101").to(torch.float32)
+    return agg / agg.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+class _SDCTerms(torch.autograd.Function):
+    """``CE + α·mean dist(u, p) + (λ/scale)·mean dist(2p − 1, s)`` with a fused backward.
+
+    ``∂/∂p`` of the two calibration terms is elementwise (``sign``/linear), so the gradient w.r.t. the logits
+    is ``p ⊙ (g − Σ_c p g) + (p − onehot)/M`` in two passes instead of autograd's chain through softmax,
+    subtraction, abs and mean for each term.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, u, s, alpha, lam, l2):  # type: ignore[override]
+        logp = torch.log_softmax(z, dim=1)
+        p = logp.exp()
+        ce = -logp.gather(1, y.unsqueeze(1)).mean()
+        d_local = p - u
+        d_sdf = 2.0 * p - 1.0 - s
+        if l2:
+            local, sdf_term = d_local.square().mean(), d_sdf.square().mean()
+        else:
+            local, sdf_term = d_local.abs().mean(), d_sdf.abs().mean()
+        ctx.save_for_backward(p, y, d_local, d_sdf)
+        ctx.alpha, ctx.lam, ctx.l2 = alpha, lam, l2
+        return ce + alpha * local + lam * sdf_term
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        p, y, d_local, d_sdf = ctx.saved_tensors
+        n = p.numel()
+        if ctx.l2:
+            g = d_local * (2.0 * ctx.alpha / n) + d_sdf * (4.0 * ctx.lam / n)
+        else:
+            g = d_local.sign() * (ctx.alpha / n) + d_sdf.sign() * (2.0 * ctx.lam / n)
+        grad = p * (g - (p * g).sum(dim=1, keepdim=True))
+        voxels = n // p.shape[1]
+        grad += p / voxels
+        grad.scatter_add_(1, y.unsqueeze(1), torch.full_like(p[:, :1], -1.0 / voxels))
+        return grad * grad_output, None, None, None, None, None, None
 
 
 class SDCLoss(nn.Module):
@@ -226,10 +274,6 @@ class SDCLoss(nn.Module):
         return (f"alpha={self.alpha}, lam_sdf={self.lam_sdf}, sdf_scale={self.sdf_scale}, distance={self.distance!r}, "
                 f"official_sign={self.official_sign}, slicewise_3d={self.slicewise_3d}, spacing_mm={self.spacing_mm}")
 
-    def _dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        diff = a - b
-        return diff.abs().mean() if self.distance == "l1" else diff.square().mean()
-
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, sdf: torch.Tensor | None = None) -> torch.Tensor:
         z, y = prepare_inputs(logits, labels, self.num_classes)
         num_classes = z.shape[1]
@@ -245,10 +289,5 @@ class SDCLoss(nn.Module):
             sdf = sdf.as_subclass(torch.Tensor) if type(sdf) is not torch.Tensor else sdf
             sdf = sdf.to(device=z.device, dtype=torch.float32)
         with float32_compute(z.device):
-            ce = F.cross_entropy(z, y)
-            p = torch.softmax(z, dim=1)
-            with torch.no_grad():
-                u = sam_targets(y, num_classes, self.slicewise_3d)
-            local = self._dist(u, p)
-            sdf_term = self._dist(2.0 * p - 1.0, sdf) / self.sdf_scale
-            return ce + self.alpha * local + self.lam_sdf * sdf_term
+            u = sam_targets(y, num_classes, self.slicewise_3d)
+            return _SDCTerms.apply(z, y, u, sdf, self.alpha, self.lam_sdf / self.sdf_scale, self.distance == "l2")
