@@ -913,15 +913,12 @@ def batch_files(paths: Sequence[str], outDir: Any, segmenter: Any, *, overwrite:
 
 
 def phantom_classes(kind: str) -> list:
-    """Fallback class list of a phantom task when the catalog has no matching model (sample data only)."""
-    if kind == "asoct":
-        return [{"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-                {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80]},
-                {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
-                {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]}]
-    return [{"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-            {"value": 1, "key": "right_lens", "name": "Right lens", "color": [110, 200, 250]},
-            {"value": 2, "key": "left_lens", "name": "Left lens", "color": [250, 170, 90]}]
+    """Class table of a phantom task (``"asoct"`` or ``"ct"``), the one the catalog models copy."""
+    import copy
+
+    from .phantom import CLASSES
+
+    return copy.deepcopy(CLASSES[kind])
 
 
 def add_phantom(phantom: Any, name: str, classes: Sequence[Mapping[str, Any]]) -> tuple:

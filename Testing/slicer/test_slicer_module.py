@@ -80,3 +80,17 @@ def test_heatmap_display_choice_and_threshold(logic, obliqueVolume):
     logic.showHeatmap(result, "none")
     for index in range(composite.GetNumberOfItems()):
         assert composite.GetItemAsObject(index).GetForegroundVolumeID() is None
+
+
+def test_ct_sample_data_keeps_the_phantom_geometry(logic):
+    from LensSegCalibLib.phantom import ct_head_volume
+
+    volume, reference = logic.loadSampleData("ct", seed=1, shape=(12, 48, 48))
+    phantom = ct_head_volume(1, shape=(12, 48, 48))
+    geometry = mrml.geometry_from_volume(volume)
+    assert geometry.spacing == pytest.approx(phantom.spacing)
+    assert geometry.origin == pytest.approx(phantom.origin)  # LPS, as the phantom (and SimpleITK) gives it
+    labels = mrml.labels_from_segmentation(reference, volume, mrml.phantom_classes("ct"))
+    np.testing.assert_array_equal(labels, phantom.labels)
+    names = [reference.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert names == ["Right lens", "Left lens"]
