@@ -65,7 +65,8 @@ def test_capsule_encloses_cortex_encloses_nucleus(seed, kw):
 
 
 def test_capsule_band_is_two_pixels_thick_at_the_anterior_pole():
-    ph = asoct_volume(3, shape=(2, 400, 200), tilt_deg=0.0, decentration_mm=0.0, axial_jitter_mm=0.0)
+    ph = asoct_volume(3, shape=(2, 400, 200), tilt_deg=0.0, decentration_mm=0.0, axial_jitter_mm=0.0,
+                      lateral_shift_mm=0.0)
     col = ph.labels[0][:, 100]
     first = int(np.argmax(col > 0))
     assert col[first] == 1 and col[first + 1] == 1 and col[first + 2] == 2
@@ -73,7 +74,8 @@ def test_capsule_band_is_two_pixels_thick_at_the_anterior_pole():
 
 def test_lens_thickness_diameter_and_acd_match_the_sampled_anatomy():
     for seed in (0, 4, 9):
-        ph = asoct_volume(seed, shape=(2, 520, 400), tilt_deg=0.0, decentration_mm=0.0, axial_jitter_mm=0.0)
+        ph = asoct_volume(seed, shape=(2, 520, 400), tilt_deg=0.0, decentration_mm=0.0, axial_jitter_mm=0.0,
+                          lateral_shift_mm=0.0)
         m, (sz, sy, sx) = ph.meta, ph.spacing
         lab = ph.labels[0]
         centre = lab[:, 199:201].max(axis=1) > 0
@@ -129,7 +131,8 @@ def test_capsule_is_the_brightest_lens_structure():
 
 
 def test_lens_is_centred_behind_the_pupil_and_partly_hidden_by_the_iris():
-    ph = asoct_volume(12, shape=SMALL, pupil_mm=4.0, decentration_mm=0.2, specular_streak=False)
+    ph = asoct_volume(12, shape=SMALL, pupil_mm=4.0, decentration_mm=0.2, specular_streak=False,
+                      lateral_shift_mm=0.0)
     x = _lateral_mm(ph)
     for k in range(ph.labels.shape[0]):
         lens = ph.labels[k] > 0
@@ -158,7 +161,7 @@ def test_small_pupil_hides_more_lens_and_hidden_voxels_are_dark():
 
 
 def test_dense_cataract_with_low_dynamic_range_loses_the_posterior_lens():
-    ph = asoct_volume(4, shape=SMALL, cataract_grade=5, dynamic_range_db=30.0, pupil_mm=6.0)
+    ph = asoct_volume(4, shape=SMALL, cataract_grade=5, dynamic_range_db=30.0, pupil_mm=6.0, lateral_shift_mm=0.0)
     x = _lateral_mm(ph)
     lens = ph.labels[0][:, np.abs(x) < 1.0] > 0
     vis = ph.visible[0][:, np.abs(x) < 1.0]

@@ -101,7 +101,7 @@ def sample_asoct_params(
     p["cornea_peripheral_thickness_mm"] = 0.65 + 0.10 * u[24]
     p["limbus_radius_mm"] = 5.4 + 0.5 * u[25]
     p["iris_root_offset_mm"] = 0.2 + 0.4 * u[26]
-    p["corneal_apex_depth_mm"] = 0.4 + 0.8 * u[27]
+    p["corneal_apex_depth_mm"] = 0.3 + 1.3 * u[27]
     p["iris_thickness_mm"] = 0.3 + 0.3 * u[28]
     p["iris_gap_mm"] = 0.05 + 0.3 * u[29]
     p["iris_bow_mm"] = -0.25 + 0.4 * u[30]
@@ -150,6 +150,13 @@ def sample_asoct_params(
     p["lid_level"] = 0.35 + 0.25 * u2[18]
     p["iris_pigment_level"] = 0.65 + 0.3 * u2[19]
     p["iris_roughness_mm"] = 0.02 + 0.06 * u2[20]
+    # appearance robustness: K-distributed speckle (0 = fully developed), display despeckling, lateral roll-off
+    p["k_shape"] = 0.0 if u2[21] < 0.5 else float(np.exp(np.log(1.5) + (np.log(20) - np.log(1.5)) * u2[22]))
+    p["despeckle_sigma_px"] = 0.5 + 1.0 * u2[23] if u2[22] < 0.3 else 0.0
+    u3 = rng.random(8)  # third block (append only)
+    p["lateral_rolloff_db"] = 6.0 * u3[0]
+    p["lateral_shift_mm"] = 0.3 * (2 * u3[1] - 1)
+    p["fixed_pattern_lines"] = bool(u3[2] < 0.25)
     p["rp_mm"] = 5.5 + 2.0 * (0.5 + 0.5 * np.tanh(res["rp"]))  # U-like spread over [5.5, 7.5]
 
     # ---- overrides ----

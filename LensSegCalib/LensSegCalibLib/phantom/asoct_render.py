@@ -126,7 +126,8 @@ def render_bscan(eye: Eye, theta: float, jitter: float, shape: tuple[int, int], 
     """
     ny, nx = shape
     sy, sx = spacing
-    xs = (np.arange(nx) + 0.5) * sx - FIELD_OF_VIEW_MM[1] / 2
+    # eye-frame lateral coordinate: the scan centre may miss the optical axis by lateral_shift_mm
+    xs = (np.arange(nx) + 0.5) * sx - FIELD_OF_VIEW_MM[1] / 2 - float(eye.p["lateral_shift_mm"])
     ys = (np.arange(ny) + 0.5) * sy - jitter
     sc = _Scene(eye, theta, xs, ys, spacing, rng)
     lens = _lens_labels(sc)
@@ -289,12 +290,17 @@ def _form_image(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
     zopt = np.cumsum(sc.n_idx, axis=0) * sy
     loss += p["rolloff_db"] * zopt / (FIELD_OF_VIEW_MM[0] * 1.36)
     loss += p["focus_db"] * np.minimum(((y - eye.lens_center[2]) / p["focus_range_mm"]) ** 2, 1.0)
+    x_scan = (sc.xs + float(p["lateral_shift_mm"])) / (FIELD_OF_VIEW_MM[1] / 2)
+    loss += (float(p["lateral_rolloff_db"]) * x_scan**2).astype(np.float32)  # dimmer towards the frame edges
     dr, f0, looks = float(p["dynamic_range_db"]), float(p["floor_level"]), int(p["looks"])
     visible = (loss < 0.6 * dr) & ~sc.hidden
     bias = float(-10 * np.log10(np.e) * (special.digamma(looks) - np.log(looks)))  # speckle log bias (dB)
     noise_db = float(10 * np.log10(np.log(2.0)))
     sig_db = (sc.b - f0) / (1 - f0) * dr + noise_db + bias - loss
     refl = np.where(sc.b > 0, np.power(np.float32(10.0), sig_db / 10), 0).astype(np.float32)
+    if p["k_shape"] > 0:  # few scatterers per cell: K-distributed speckle, heavier tails than Rayleigh [GE21]
+        k = float(p["k_shape"])
+        refl *= sc.rng.gamma(k, 1.0 / k, refl.shape).astype(np.float32)
     fwhm = (float(p["psf_fwhm_axial_px"]) / 2.3548, float(p["psf_fwhm_lateral_px"]) / 2.3548)
     inten = speckle_intensity(refl, sc.rng, psf_sigma_px=fwhm, looks=looks)
     if p["specular_streak"]:
@@ -303,7 +309,13 @@ def _form_image(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
         flicker = sc.rng.uniform(0.5, 1.5, (y.size, 1)).astype(np.float32)  # not uniform along depth
         inten += np.where(y > eye.apex - 0.3, streak, 0).astype(np.float32) * flicker
     disp = log_compress(inten, dynamic_range_db=dr, floor_level=f0)
-    disp = np.clip(p["gain"] * np.power(disp, p["gamma"]), 0, 1)
+    if p["fixed_pattern_lines"]:  # horizontal fixed-pattern lines at the same depths in every B-scan
+        fp = np.random.default_rng([int(p["seed"]), 4])
+        rows = fp.integers(0, disp.shape[0], int(fp.integers(2, 7)))
+        disp[rows] += fp.uniform(0.02, 0.08, (rows.size, 1)).astype(np.float32)
+    if p["despeckle_sigma_px"] > 0:  # some devices display smoothed (despeckled) images
+        disp = ndimage.gaussian_filter(disp, float(p["despeckle_sigma_px"]))
+    disp = np.clip(p["gain"] * np.power(np.clip(disp, 0, 1), p["gamma"]), 0, 1)
     if p["quantize_8bit"]:
         disp = np.round(disp * 255) / 255
     return disp.astype(np.float32), visible
