@@ -23,8 +23,9 @@ from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
-from LensSegCalibLib import Cancelled, InputError, LensSegCalibError, ModelError, OutputError, mrml
+from LensSegCalibLib import Cancelled, InputError, LensSegCalibError, mrml
 
 DEFAULT_MODEL = "asoct-lens-acw"
 #: Import names of the Python packages the core needs (torch from the PyTorch extension, the rest via pip).
@@ -90,7 +91,7 @@ class LensSegCalibParameterNode:
     showLegend: bool = True
 
 
-class LensSegCalibWidget(ScriptedLoadableModuleWidget):
+class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """GUI: inputs, Apply/Cancel with progress, heatmap display, report buttons. Work runs in a thread."""
 
     HEATMAPS = ("confidence", "boundary", "entropy", "none")
@@ -98,12 +99,12 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
 
     def __init__(self, parent: Any = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic: Optional[LensSegCalibLogic] = None
         self._parameterNode: Optional[LensSegCalibParameterNode] = None
         self._guiTag = None
         self._run: Optional[dict] = None
         self._result: Optional[mrml.SegmentationResult] = None
-        self._observations: list = []
 
     def setup(self) -> None:
         import qt
@@ -132,14 +133,13 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
         self.ui.showTableButton.connect("clicked(bool)", self.onShowTable)
         self.ui.showReliabilityButton.connect("clicked(bool)", self.onShowReliability)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
-        self._observations = [slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose),
-                              slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)]
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._cancelRun()
-        for tag in self._observations:
-            slicer.mrmlScene.RemoveObserver(tag)
+        self.removeObservers()
         self._disconnectGui()
 
     def enter(self) -> None:
@@ -165,7 +165,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         self._guiTag = self._parameterNode.connectGui(self.ui)
-        self._parameterNode.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self.addObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         index = self.ui.modelSelector.findData(self._parameterNode.modelId)
         self.ui.modelSelector.setCurrentIndex(max(index, 0))
         self.ui.deviceSelector.setCurrentIndex(self.DEVICES.index(self._parameterNode.device))
@@ -176,6 +176,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
         if self._parameterNode is not None and self._guiTag is not None:
             self._parameterNode.disconnectGui(self._guiTag)
             self._guiTag = None
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def _onModelChanged(self, index: int) -> None:
         if self._parameterNode is not None and index >= 0:
@@ -219,10 +220,11 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay(str(error))
             return
         run = {"cancel": threading.Event(), "progress": (0.0, _("Starting")), "job": job, "outcome": None}
+        model, device = p.modelId, p.device  # read here: the worker thread must not touch MRML
 
         def work() -> None:
             try:
-                run["outcome"] = self.logic.compute(job, model=p.modelId, device=p.device, cancel=run["cancel"],
+                run["outcome"] = self.logic.compute(job, model=model, device=device, cancel=run["cancel"],
                                                     progress=lambda f, m: run.__setitem__("progress", (f, m)))
             except BaseException as error:  # handed to the GUI thread, shown there
                 run["outcome"] = error
@@ -267,7 +269,6 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
         with slicer.util.tryWithErrorDisplay(_("Could not create the result nodes."), waitCursor=True):
             self._result = self.logic.publish(job, computed, output=p.outputSegmentation)
             p.outputSegmentation = self._result.segmentation  # next Apply reruns into the same nodes
-            self._result.segmentation.CreateClosedSurfaceRepresentation()
             self._updateHeatmapDisplay()
             device = computed.prediction.device
             self._setStatus(_("Done in {seconds:.1f} s on {device}: {n} segments.").format(
@@ -324,7 +325,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget):
 
         if self._result is None:
             return
-        folder = qt.QFileDialog.getExistingDirectory(None, _("Export report to folder"))
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Export report to folder"))
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
