@@ -213,6 +213,12 @@ class _App:
     def connect(self, *args: Any) -> bool:
         return True
 
+    def setOverrideCursor(self, *args: Any) -> None:  # slicer.util.WaitCursor / tryWithErrorDisplay
+        pass
+
+    def restoreOverrideCursor(self) -> None:
+        pass
+
 
 def _make_color_table(scene: Any, name: str, anchors: list, singletonTag: Optional[str]) -> Any:
     """256-colour continuous table interpolated from evenly spaced anchors (a singleton survives Clear(0))."""
