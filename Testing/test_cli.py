@@ -192,3 +192,15 @@ def test_demo_writes_all_outputs_and_a_preview(tmp_path, catalog, monkeypatch):
     assert (out / "sample_asoct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "sample_asoct_report.json").read_text())
     assert report["meta"]["reference"]["used"] is True and report["summary"]["ece"] is not None
+
+
+def test_phantom_writes_image_and_segments_for_slicer(tmp_path, capsys):
+    assert main(["phantom", "--task", "asoct", "--seed", "2", "--out", str(tmp_path), "--shape", "2", "48", "48"]) == 0
+    printed = capsys.readouterr().out
+    image = read_image(tmp_path / "asoct_2.nrrd")
+    labels, geo, segments = read_segmentation(tmp_path / "asoct_2.seg.nrrd")
+    assert image.array.shape == labels.shape == (2, 48, 48) and "segmentation" in printed
+    np.testing.assert_allclose(geo.spacing, image.geometry.spacing, rtol=1e-6)
+    assert {s["name"] for s in segments} >= {"Lens nucleus"}
+    assert main(["phantom", "--task", "asoct", "--seed", "2", "--out", str(tmp_path), "--shape", "2", "48", "48"]) == 2
+    assert "already exists" in capsys.readouterr().err  # never overwritten silently
