@@ -35,6 +35,12 @@ from ._utils import CHUNK_ELEMENTS, aligned_chunks
 MAX_WORKERS = 4
 
 
+_RANGE_MESSAGE = (
+    "probs must be probabilities in [0, 1] (softmax over the class axis) without NaN/inf; found values outside "
+    "that range. Apply torch.softmax(logits, dim=1) before computing calibration metrics."
+)
+
+
 def _index_dtype(n_slots: int) -> torch.dtype:
     """Smallest index dtype for ``n_slots`` slots: uint8 (1 byte, 4x cheaper to write than int32) if it fits."""
     return torch.uint8 if n_slots <= 256 else torch.int32
@@ -48,12 +54,12 @@ def bincount(idx: torch.Tensor, length: int, weights: torch.Tensor | None = None
     keep the weights' dtype (callers pass float64).
     """
     if idx.device.type == "cpu":
-        out = torch.bincount(idx, weights=weights, minlength=length)
+        try:
+            out = torch.bincount(idx, weights=weights, minlength=length)
+        except RuntimeError as err:  # negative slot: a probability far above 1
+            raise InputError(_RANGE_MESSAGE) from err
         if out.numel() != length:  # only reachable when probabilities were far outside [0, 1]
-            raise InputError(
-                "probs must be probabilities in [0, 1] (softmax over the class axis); found values outside that "
-                "range. Apply torch.softmax(logits, dim=1) before computing calibration metrics."
-            )
+            raise InputError(_RANGE_MESSAGE)
         return out
     if weights is None:
         out = torch.zeros(length, dtype=torch.int64, device=idx.device)
@@ -182,6 +188,8 @@ def _bin_chunks(plan: _Plan, chunks: list[list[torch.Tensor | None]], device: to
     for pc, yc, mc, cmc in chunks:
         y = yc[0].long()
         keep = None if mc is None else mc[0]
+        if keep is not None:  # labels outside the mask may be anything (e.g. 255 = ignore): make them safe
+            y = y * keep
         if plan.classwise:
             n_el = pc.numel()
             # One reused float64 buffer holds first the slots, then the weights: extra memory per worker is
@@ -376,7 +384,4 @@ def check_prob_range(stats: SlotStats, class_mask_used: bool) -> None:
             per_class = stats.cw_count.sum(dim=1)
             bad = bad or bool((per_class != per_class[0]).any())
     if bad:
-        raise InputError(
-            "probs must be probabilities in [0, 1] (softmax over the class axis) without NaN/inf; found values "
-            "outside that range. Apply torch.softmax(logits, dim=1) before computing calibration metrics."
-        )
+        raise InputError(_RANGE_MESSAGE)
