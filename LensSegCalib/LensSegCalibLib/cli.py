@@ -235,7 +235,8 @@ class _Bar:
     def __init__(self, total: int, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, unit="case", file=sys.stderr, disable=quiet,
+        # disable=None: tqdm hides itself when stderr is not a terminal (logs of cluster jobs stay clean)
+        self._bar = tqdm(total=total, unit="case", file=sys.stderr, disable=True if quiet else None,
                          bar_format="{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}] {postfix}")
         self._base = 0
 
