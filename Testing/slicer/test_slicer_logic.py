@@ -246,3 +246,14 @@ def test_batch_in_a_child_process_streams_progress_and_matches_in_process(logic,
                                           ("PROGRESS 1.7", (1.0, "")), ("PROGRESS x y", None), ("hello", None)])
 def test_progress_line_protocol(line, parsed):
     assert mrml.parse_progress_line(line) == parsed
+
+
+def test_cancelling_the_child_process_raises_and_leaves_no_outputs(logic, obliqueVolume, tmp_path):
+    path = tmp_path / "scan.nrrd"
+    assert slicer.util.exportNode(obliqueVolume, str(path))
+    cancel = threading.Event()
+    out = tmp_path / "child"
+    with pytest.raises(Cancelled):
+        logic.batch([str(path)], str(out), model=TINY_MODEL, device="cpu", inProcess=False, cancel=cancel,
+                    progress=lambda f, m: cancel.set())  # cancel at the first progress line
+    assert not out.exists() or not any(out.iterdir())
