@@ -4,8 +4,8 @@
 distance to the nearest voxel outside c) and +1 outside. Paired with CE as the official trainer does
 (``RWEqualCELoss`` / ``RWGradualCELoss``, jmlipman/RegionWiseLoss). Deviations: a class filling the whole
 patch gets −1 everywhere (scipy's all-True EDT gives meaningless ramps there), optional ``spacing_mm``,
-maps computable once per sample (:func:`rrw_maps`, pass ``rrw=``), one scipy call per batch instead of a
-loop, cuCIM on CUDA when available (as :mod:`.sdc`), float32 under autocast.
+maps computable once per sample in the data pipeline (:func:`rrw_maps`, pass ``rrw=``), cuCIM on CUDA when
+available (as :mod:`.sdc`), float32 under autocast.
 """
 from __future__ import annotations
 
