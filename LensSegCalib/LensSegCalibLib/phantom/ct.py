@@ -108,11 +108,13 @@ def ct_head_volume(
 
     sig = float(p["blur_fwhm_mm"]) / 2.3548 / px
     image = ndimage.gaussian_filter(image, (0, sig, sig), mode="nearest")
+    if p["sharp_kernel"]:  # edge-enhancing (bone-like) kernel: unsharp mask in-plane
+        image += np.float32(p["sharpen_amount"]) * (image - ndimage.gaussian_filter(image, (0, 1.0, 1.0)))
     noise = rng.standard_normal(image.shape, dtype=np.float32)
     c = float(p["noise_corr_px"])
     noise = ndimage.gaussian_filter(noise, (0, c, c))
     noise *= np.float32(p["noise_sd_hu"] / max(float(noise.std()), 1e-6))
-    image = np.round(image + noise).clip(-1024, 3071).astype(np.float32)
+    image = np.round(image + noise + np.float32(p["hu_offset"])).clip(-1024, 3071).astype(np.float32)
 
     p.update(seed=seed, task="ct", shape=[nz, ny, nx], spacing_mm=[dz, px, px], pixel_mm=px,
              slice_profile="box", fine_samples_per_slice=sub,
@@ -145,7 +147,7 @@ class _EyeCT:
         self.axis = ax / np.linalg.norm(ax)
         lt, d = float(p["lens_thickness_mm"]), float(p["lens_diameter_mm"])
         h_a = 0.41 * lt
-        self.lens: LensProfile = lens_profile(d / 2, h_a, lt - h_a, 11.0, 6.5)
+        self.lens: LensProfile = lens_profile(d / 2, h_a, lt - h_a, float(p["lens_ra_mm"]), float(p["lens_rp_mm"]))
         apex = self.center + self.axis * (r + 1.0)
         self.lens_center = apex - self.axis * (float(p["anterior_lens_depth_mm"]) + h_a)
         self.lens_hu = float(p[f"lens_hu_{name}"])

@@ -94,6 +94,11 @@ def sample_ct_params(rng: np.random.Generator, split: Literal["train", "heldout"
     p["quantize"] = True
     u3 = rng.random(8)  # later additions: appended, never reordered
     p["nose_length_mm"] = 18 + 12 * u3[0]
+    p["lens_ra_mm"] = 9.0 + 4.0 * u3[1]                                   # [ORTIZ12]
+    p["lens_rp_mm"] = 5.5 + 2.0 * u3[2]
+    p["hu_offset"] = 16 * u3[3] - 8                                       # scanner calibration spread [design]
+    p["sharp_kernel"] = bool(u3[4] < 0.3)                                 # edge-enhancing reconstruction
+    p["sharpen_amount"] = 0.3 + 0.5 * u3[5]
     apply_overrides(p, variation, (set(p) | set(CT_VARIATION_KEYS)) - {"split", "heldout_shifts"})
     for key, (lo, hi) in {"ipd_mm": (40, 90), "slice_mm": (0.3, 10), "noise_sd_hu": (0, 200),
                           "globe_radius_mm": (8, 16), "lens_thickness_mm": (2, 7), "lens_diameter_mm": (6, 12),
