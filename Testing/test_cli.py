@@ -204,3 +204,36 @@ def test_phantom_writes_image_and_segments_for_slicer(tmp_path, capsys):
     assert {s["name"] for s in segments} >= {"Lens nucleus"}
     assert main(["phantom", "--task", "asoct", "--seed", "2", "--out", str(tmp_path), "--shape", "2", "48", "48"]) == 2
     assert "already exists" in capsys.readouterr().err  # never overwritten silently
+
+
+def test_a_failure_while_writing_leaves_no_partial_case(tmp_path, catalog, data, monkeypatch):
+    from LensSegCalibLib import report_html
+
+    out = tmp_path / "out"
+
+    def broken(report):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_html, "render_html", broken)
+    assert _run([str(data["c"]), "--model", "tiny-asoct", "--out", str(out)], catalog) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # seg/confidence/boundary/csv removed again
+    assert "No space left" in _summary(out / "summary.csv")[0]["message"]
+
+
+def test_cancel_in_segment_case_writes_nothing(tmp_path, catalog, data):
+    import threading
+
+    from LensSegCalibLib.cli import segment_case
+    from LensSegCalibLib.errors import Cancelled
+    from LensSegCalibLib.inference import Segmenter
+
+    seg = Segmenter.from_catalog("tiny-asoct", device="cpu", catalog=catalog)
+    event = threading.Event()
+
+    def progress(fraction, message):
+        if fraction >= 1.0:
+            event.set()  # cancel after inference: the report/writing stages must notice it
+
+    with pytest.raises(Cancelled):
+        segment_case(data["c"], seg, tmp_path / "out", progress=progress, cancel=event)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

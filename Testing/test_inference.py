@@ -342,3 +342,12 @@ def test_same_input_gives_identical_outputs_on_cpu(asoct):
     b = asoct.predict(image, (0.5, 0.1, 0.1))
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
+
+
+def test_probabilities_can_be_skipped_to_save_memory(asoct):
+    image = _volume((2, 32, 32))
+    lean = asoct.predict(image, (1.0, 0.1, 0.1), probabilities_dtype=None)
+    full = asoct.predict(image, (1.0, 0.1, 0.1))
+    assert lean.probabilities is None and lean.num_classes == 4
+    np.testing.assert_array_equal(lean.labels, full.labels)
+    np.testing.assert_array_equal(lean.confidence, full.confidence)

@@ -184,15 +184,39 @@ def segment_case(
     reference = None
     if reference_path is not None:
         reference = _reference_on_grid(Path(reference_path), image.geometry, image.array.shape, segmenter.classes)
-    prediction = segmenter.predict(image.array, image.geometry.spacing, direction=image.geometry.direction,
-                                   progress=progress, cancel=cancel)
+    if not overwrite:
+        _refuse_existing(out_dir, case, preview)  # before the expensive part, not after it
+    prediction = segmenter.predict(
+        image.array, image.geometry.spacing, direction=image.geometry.direction, progress=progress, cancel=cancel,
+        # the probabilities are only needed for reference metrics: skipping them saves C x 2 bytes per voxel
+        probabilities_dtype=np.float16 if reference is not None else None,
+    )
+    _check_cancel(cancel)
     report = calibration_report(
         prediction, image.geometry.spacing, reference=reference, image=image.array, case=case,
         input_sha256=sha256_file(p), input_path=p, reference_path=reference_path,
     )
+    _check_cancel(cancel)
     paths = write_case_outputs(out_dir, case, prediction, image.geometry, report, overwrite=overwrite,
-                               preview=preview)
+                               preview=preview, cancel=cancel)
     return _summary_row(case, p, "done", "", time.perf_counter() - t0, report.to_dict(), paths["report_json"])
+
+
+def _check_cancel(cancel: Any) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("Segmentation cancelled by the user; no output of this case was written.")
+
+
+def _refuse_existing(out_dir: str | os.PathLike, case: str, preview: bool) -> None:
+    from .errors import OutputError
+    from .outputs import output_paths
+
+    existing = [q.name for q in output_paths(out_dir, case, preview=preview).values() if q.exists()]
+    if existing:
+        raise OutputError(
+            f"Outputs of {case} already exist in {out_dir} ({', '.join(existing)}); pass --overwrite "
+            "(overwrite=True) to replace them, or choose another output folder."
+        )
 
 
 def _summary_row(case: str, path: Path, status: str, message: str, seconds: float, report: dict | None,

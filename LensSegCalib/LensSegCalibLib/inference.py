@@ -68,7 +68,8 @@ class Prediction:
 
     Attributes:
         labels: uint8 ``(*S)``, argmax of the probabilities (0 = background).
-        probabilities: ``(C, *S)`` temperature-scaled softmax, float16 unless asked otherwise.
+        probabilities: ``(C, *S)`` temperature-scaled softmax, float16 unless asked otherwise (None when
+            ``predict(..., probabilities_dtype=None)``).
         confidence: float32 ``(*S)``, top-label probability ``max_c p`` in [0, 1].
         entropy: float32 ``(*S)``, normalised entropy ``-sum p ln p / ln C`` in [0, 1].
         boundary: float32 ``(*S)``, label-free boundary map (METHODS.md 10.3): entropy inside the band of
@@ -83,7 +84,7 @@ class Prediction:
     """
 
     labels: np.ndarray
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     confidence: np.ndarray
     entropy: np.ndarray
     boundary: np.ndarray
@@ -104,7 +105,7 @@ class Prediction:
 
     @property
     def num_classes(self) -> int:
-        return int(self.probabilities.shape[0])
+        return len(self.classes)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -399,7 +400,8 @@ class Segmenter:
                 uses it to reorient to axis-aligned LPS (outputs come back on the input's array grid).
             progress: ``progress(fraction in [0, 1], message)``.
             cancel: ``threading.Event``; when set, raises ``Cancelled`` within one batch/patch.
-            probabilities_dtype: dtype of ``Prediction.probabilities`` (default float16; float32 on request).
+            probabilities_dtype: dtype of ``Prediction.probabilities`` (default float16; float32 on request;
+                None = do not keep them, saving ``C x 2`` bytes per voxel when no reference metrics are needed).
             apply_temperature: override the segmenter's setting for this call.
             band_mm: band half-width for the boundary map; default ``2 x min(spacing)``.
             boundary_fill: value of the boundary map outside the band (NaN, or 0 for a Slicer layer).
@@ -449,7 +451,8 @@ class Segmenter:
         shape = norm.shape
         out = _Outputs(
             labels=np.empty(shape, dtype=np.uint8),
-            probabilities=np.empty((num_classes,) + shape, dtype=np.dtype(probabilities_dtype)),
+            probabilities=None if probabilities_dtype is None else np.empty(
+                (num_classes,) + shape, dtype=np.dtype(probabilities_dtype)),
             confidence=np.empty(shape, dtype=np.float32),
             entropy=np.empty(shape, dtype=np.float32),
         )
@@ -468,9 +471,10 @@ class Segmenter:
             labels = _unorient(labels, perm, flips)
             conf = _unorient(conf, perm, flips)
             ent = _unorient(ent, perm, flips)
-            probs = _unorient(probs, perm, flips, lead=1)
+            probs = None if probs is None else _unorient(probs, perm, flips, lead=1)
         if len(input_shape) == 2:
-            labels, conf, ent, probs = labels[0], conf[0], ent[0], probs[:, 0]
+            labels, conf, ent = labels[0], conf[0], ent[0]
+            probs = None if probs is None else probs[:, 0]
         band = default_band_mm(input_spacing) if band_mm is None else float(band_mm)
         boundary = label_free_boundary_map(labels, ent, input_spacing, band_mm=band, fill=boundary_fill)
         t_end = time.perf_counter()
@@ -654,7 +658,7 @@ class _Outputs:
     """Preallocated host arrays filled slab by slab along axis 0."""
 
     labels: np.ndarray
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     confidence: np.ndarray
     entropy: np.ndarray
 
@@ -671,5 +675,7 @@ class _Outputs:
             self.entropy[index] = ent.clamp_(0.0, 1.0).cpu().numpy()
         else:
             self.entropy[index] = 0.0
+        if self.probabilities is None:
+            return
         torch_dtype = torch.float16 if self.probabilities.dtype == np.float16 else torch.float32
         self.probabilities[:, index] = probs.to(torch_dtype).cpu().numpy().astype(self.probabilities.dtype, copy=False)

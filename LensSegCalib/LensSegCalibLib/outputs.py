@@ -15,7 +15,8 @@ Per case ``<name>`` in ``out_dir``:
 
 Every file is written atomically (``io.atomic_path``); existing files are never replaced unless
 ``overwrite=True``, and that is checked for the whole set *before* anything is written. The JSON report is
-written last, so its presence marks a finished case (:func:`case_is_done`).
+written last, so its presence marks a finished case (:func:`case_is_done`); a failure or cancel part-way removes
+the files already written by that call.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def write_case_outputs(
     overwrite: bool = False,
     preview: bool = False,
     boundary: str = "label_free",
+    cancel: Any = None,
 ) -> dict[str, Path]:
     """Write every output of one case; returns ``{kind: path}``.
 
@@ -106,6 +108,10 @@ def write_case_outputs(
         preview: also write ``<name>_preview.png`` (the report's slice figure).
         boundary: ``"label_free"`` (entropy in the predicted-boundary band) or ``"signed"`` (the report's
             reference-based signed map; needs a report made with a reference).
+        cancel: optional ``threading.Event`` checked before each file; raises ``Cancelled``.
+
+    A failure or cancel part-way removes the files this call wrote, so a case is either complete (its JSON
+    exists) or absent. With ``overwrite`` the old JSON is removed first for the same reason.
 
     Raises:
         OutputError: outputs exist (without ``overwrite``), folder not writable, disk full.
@@ -138,16 +144,40 @@ def write_case_outputs(
         raise OutputError(f"boundary must be 'label_free' or 'signed', got {boundary!r}.")
     boundary_map = np.nan_to_num(boundary_map, nan=0.0)  # Slicer layers need finite voxels; 0 = no boundary
 
-    write_segmentation(paths["segmentation"], vol(labels), geo, prediction.classes, overwrite=overwrite)
-    write_volume(paths["confidence"], vol(np.asarray(prediction.confidence, dtype=np.float32)), geo,
-                 overwrite=overwrite)
-    write_volume(paths["boundary"], vol(boundary_map), geo, overwrite=overwrite)
-    _write_text(paths["report_csv"], report.to_csv(), overwrite)
-    report.to_html(paths["report_html"], overwrite=overwrite)
-    if preview:
-        _write_preview(paths["preview"], report, overwrite)
-    _write_text(paths["report_json"], report.to_json(), overwrite)  # last: marks the case as finished
+    written: list[Path] = []
+
+    def step(kind: str, write: Any) -> None:
+        _check_cancel(cancel)
+        write(paths[kind])
+        written.append(paths[kind])
+
+    try:
+        if overwrite:
+            # the JSON marks a finished case: remove it first, so an interrupted rewrite never looks finished
+            paths["report_json"].unlink(missing_ok=True)
+        step("segmentation", lambda p: write_segmentation(p, vol(labels), geo, prediction.classes,
+                                                          overwrite=overwrite))
+        step("confidence", lambda p: write_volume(p, vol(np.asarray(prediction.confidence, dtype=np.float32)), geo,
+                                                  overwrite=overwrite))
+        step("boundary", lambda p: write_volume(p, vol(boundary_map), geo, overwrite=overwrite))
+        step("report_csv", lambda p: _write_text(p, report.to_csv(), overwrite))
+        step("report_html", lambda p: report.to_html(p, overwrite=overwrite))
+        if preview:
+            step("preview", lambda p: _write_preview(p, report, overwrite))
+        step("report_json", lambda p: _write_text(p, report.to_json(), overwrite))  # last: the case is finished
+    except BaseException:
+        # a failure or cancel leaves no partial set: remove what this call wrote (each file was complete)
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return paths
+
+
+def _check_cancel(cancel: Any) -> None:
+    if cancel is not None and cancel.is_set():
+        from .errors import Cancelled
+
+        raise Cancelled("Export cancelled by the user; the files written so far were removed.")
 
 
 def _write_text(path: Path, text: str, overwrite: bool) -> None:

@@ -280,6 +280,11 @@ def calibration_report(
                 f"{prediction.model_id!r} has {len(classes)} classes (0..{len(classes) - 1}); map its labels to "
                 "the model's classes first."
             )
+        if prediction.probabilities is None:
+            raise InputError(
+                "Reference metrics need the probabilities, but this prediction was made with "
+                "probabilities_dtype=None; predict again with the default (float16)."
+            )
     conf = np.asarray(prediction.confidence)
     ent = np.asarray(prediction.entropy)
     edges = np.linspace(0.0, 1.0, 21)
