@@ -181,6 +181,9 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelChanged(self, index: int) -> None:
         if self._parameterNode is not None and index >= 0:
             self._parameterNode.modelId = self.ui.modelSelector.itemData(index)
+            import qt
+
+            self.ui.modelSelector.toolTip = self.ui.modelSelector.itemData(index, qt.Qt.ToolTipRole)
 
     def _onDeviceChanged(self, index: int) -> None:
         if self._parameterNode is not None and index >= 0:
@@ -303,11 +306,13 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- results -----------------------------------------------------------------------------------------
     def _updateHeatmapDisplay(self) -> None:
-        if self._result is None or self._parameterNode is None:
+        if self._result is None:
             return
-        p = self._parameterNode
-        self.logic.showHeatmap(self._result, p.heatmap, opacity=p.heatmapOpacity, threshold=p.heatmapThreshold,
-                               legend=p.showLegend)
+        # Read the widgets, not the parameter node: this slot may run before the GUI binding updated it.
+        ui = self.ui
+        self.logic.showHeatmap(self._result, self.HEATMAPS[max(ui.heatmapSelector.currentIndex, 0)],
+                               opacity=ui.opacitySlider.value, threshold=ui.thresholdSlider.value,
+                               legend=ui.legendCheckBox.checked)
 
     def onShowTable(self) -> None:
         if self._result is not None:

@@ -28,6 +28,9 @@ def widget(logic, obliqueVolume):
     names = ("applyButton", "progressBar", "statusLabel", "inputsCollapsibleButton", "showTableButton",
              "exportButton", "showReliabilityButton", "deviceInfoLabel")
     w.ui = types.SimpleNamespace(**{name: _Widget(enabled=True, text="", visible=False) for name in names})
+    w.ui.heatmapSelector = _Widget(currentIndex=1)  # "boundary"
+    w.ui.opacitySlider, w.ui.thresholdSlider = _Widget(value=0.4), _Widget(value=0.9)
+    w.ui.legendCheckBox = _Widget(checked=True)
     w._timer = mock.MagicMock()
     w._parameterNode = types.SimpleNamespace(
         inputVolume=obliqueVolume, referenceSegmentation=None, outputSegmentation=None, modelId=TINY_MODEL,
@@ -53,6 +56,8 @@ def test_apply_runs_in_a_thread_and_publishes_on_poll(widget, cleanScene):
     assert cleanScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     assert widget._parameterNode.outputSegmentation is widget._result.segmentation  # next Apply reruns into it
     assert widget.ui.progressBar.values[-1] >= 95 and "Done" in widget.ui.statusLabel.text
+    boundary = widget._result.heatmaps["boundary"].GetDisplayNode()  # the selector's map, the sliders' values
+    assert (boundary.GetLowerThreshold(), boundary.GetUpperThreshold()) == pytest.approx((0.1, 1.0))
     widget.onApplyButton()
     _runUntilDone(widget)
     assert cleanScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # rerun replaced, no duplicate
