@@ -247,9 +247,10 @@ def test_ct_hounsfield_units_of_lens_vitreous_fat_and_bone():
                         vitreous_hu=10.0, fat_hu=-80.0, bone_hu=1200.0, hu_offset=0.0, sharp_kernel=False,
                         traumatic_side="none", calcified_lens=False)
     img, sp = ph.image, np.asarray(ph.spacing)
-    core = ph.lens_fraction > 0.99
+    # lens core one in-plane voxel away from the partial-volume rim (the blur, FWHM <= 1.2 mm, reaches that far)
+    core = ndimage.binary_erosion(ph.lens_fraction > 0.99, np.ones((1, 3, 3), bool))
     assert core.sum() > 10
-    assert abs(np.median(img[core]) - 115) < 8
+    assert abs(np.median(img[core]) - 115) < 6
     origin = np.asarray(ph.origin)[::-1]  # (z, y, x) with direction = identity
     for gc in ph.meta["globe_centers_lps_mm"]:
         k, j, i = np.round((np.asarray(gc)[::-1] - origin) / sp).astype(int)
