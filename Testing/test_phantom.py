@@ -312,3 +312,36 @@ def test_write_phantom_round_trips_geometry_and_segments(tmp_path, task, shape):
         write_phantom(task, 3, tmp_path, shape=shape, **kw)
     with pytest.raises(InputError, match="Unknown phantom task"):
         write_phantom("mri", 3, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ physics
+def test_speckle_is_fully_developed_and_looks_reduce_it():
+    from LensSegCalibLib.phantom.speckle import log_compress, speckle_intensity
+
+    rng = np.random.default_rng(0)
+    refl = np.full((256, 256), 1e4, np.float32)  # 40 dB above the noise floor: noise is negligible
+    one = speckle_intensity(refl, rng, psf_sigma_px=(1.0, 1.5), looks=1)
+    amp = np.sqrt(one)
+    # DATA 1.3 [OL06]: Rayleigh amplitude contrast sqrt(4/pi - 1) = 0.5227; exponential intensity SD/mean = 1
+    assert amp.std() / amp.mean() == pytest.approx(0.5227, abs=0.02)
+    assert one.mean() == pytest.approx(1e4 + 1, rel=0.05)  # energy-normalised PSF keeps the mean
+    four = speckle_intensity(refl, rng, psf_sigma_px=(1.0, 1.5), looks=4)
+    assert four.std() / four.mean() == pytest.approx(0.5, abs=0.04)  # 1/sqrt(L)
+    # log compression: median noise (ln 2 for unit-power exponential noise) -> floor; +DR dB -> 1
+    out = log_compress(np.array([np.log(2.0), np.log(2.0) * 10**5], np.float32), dynamic_range_db=50.0,
+                       floor_level=0.03)
+    np.testing.assert_allclose(out, [0.03, 1.0], atol=2e-6)
+
+
+def test_eyelid_covers_and_hides_the_peripheral_cornea_in_vertical_meridians():
+    ph = asoct_volume(8, shape=(2, 256, 256), eyelids=True, upper_lid_mm=4.0, lower_lid_mm=5.0,
+                      lateral_shift_mm=0.0, specular_streak=False)
+    x = _lateral_mm(ph)
+    horiz, vert = ph.visible[0], ph.visible[1]  # meridians 0 and 90 deg
+    under_lid = x > 5.0  # superior side of the vertical meridian, past the lid margin
+    # horizontal meridian: no lid, the beam reaches cornea, iris and sclera; vertical: lost under the lid
+    top = slice(0, 90)  # 0-4.6 mm depth: above the iris root
+    assert horiz[top, under_lid].mean() > 0.95
+    assert vert[top, under_lid].mean() < 0.5 * horiz[top, under_lid].mean()
+    assert not vert[150:, under_lid].any()  # deeper than 7.6 mm nothing is reached under the lid
+    assert ph.image[1][:40, under_lid].mean() > ph.image[0][:40, under_lid].mean() + 0.05  # lid tissue on top
