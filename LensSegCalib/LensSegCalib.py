@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
@@ -144,7 +145,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self._updateDeviceInfo()
+        self._detectGpu()
 
     def exit(self) -> None:
         self._disconnectGui()
@@ -207,6 +208,25 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateDeviceInfo(self) -> None:
         self.ui.deviceInfoLabel.text = self.logic.gpuDescription()
+
+    def _detectGpu(self) -> None:
+        """Import torch in a background thread (seconds), then show the GPU it finds; the GUI stays usable."""
+        import qt
+
+        if "torch" in sys.modules or importlib.util.find_spec("torch") is None:
+            self._updateDeviceInfo()
+            return
+        self.ui.deviceInfoLabel.text = _("(looking for a GPU...)")
+        loader = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
+        loader.start()
+
+        def check() -> None:
+            if loader.is_alive():
+                qt.QTimer.singleShot(300, check)
+            else:
+                self._updateDeviceInfo()
+
+        qt.QTimer.singleShot(300, check)
 
     # -- run: prepare on the main thread, compute in a worker thread, publish on the main thread ------------
     def onApplyButton(self) -> None:
@@ -373,8 +393,6 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def gpuDescription() -> str:
         """'GPU: <name>' / 'no GPU: CPU only' once torch is loaded; never imports torch itself (slow)."""
-        import sys
-
         torch = sys.modules.get("torch")
         if torch is None:
             return _("(GPU checked at the first run)")
