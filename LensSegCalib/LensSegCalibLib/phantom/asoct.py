@@ -60,8 +60,8 @@ def asoct_volume(
 
     Example:
         >>> ph = asoct_volume(3, shape=(4, 128, 128))
-        >>> ph.image.shape, ph.labels.max() <= 3
-        ((4, 128, 128), True)
+        >>> ph.image.shape, sorted(np.unique(ph.labels).tolist())
+        ((4, 128, 128), [0, 1, 2, 3])
     """
     seed = check_seed(seed)
     rng = np.random.default_rng(seed)
