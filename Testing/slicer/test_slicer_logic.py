@@ -28,6 +28,10 @@ def test_segment_creates_nodes_on_the_volume_geometry(logic, obliqueVolume):
     capsule = segmentation.GetSegment("capsule")
     assert np.allclose(capsule.GetColor(), np.array([255, 220, 80]) / 255.0)
     assert mrml_tag(capsule) == ASOCT_CLASSES[1]["terminology"]
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    assert segmentation.ContainsRepresentation(surface)  # 3D view shows surfaces
+    display = result.segmentation.GetDisplayNode()
+    assert display.GetVisibility2DOutline() and display.GetOpacity2DFill() == pytest.approx(0.3)
     # Labels come back on the volume's grid, voxel for voxel (KJI order, oblique geometry).
     labels = mrml.labels_from_segmentation(result.segmentation, obliqueVolume, ASOCT_CLASSES)
     np.testing.assert_array_equal(labels, result.prediction.labels)
