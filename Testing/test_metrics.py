@@ -374,6 +374,12 @@ def test_invalid_inputs_raise_input_error_with_the_fix():
         ece(torch.log(probs) * 3, labels)  # logits, not probabilities
     with pytest.raises(InputError, match="softmax"):
         classwise_ece(probs * 2.0, labels)
+    with_nan = probs.clone()
+    with_nan[0, :, 2, 3] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        ece(with_nan, labels)
+    with pytest.raises(InputError, match="NaN"):
+        classwise_ece(with_nan, labels)
     with pytest.raises(InputError, match="must have shape"):
         ece(probs, labels[:, :5])
     with pytest.raises(InputError, match="n_bins"):

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import InputError
 
-ArrayLike = "np.ndarray | torch.Tensor"
 Reduction = Literal["mean", "none"]
 
 #: Elements (voxels x classes) per chunk. 2**18 float64 temporaries are 2 MiB each: small next to any real

@@ -105,15 +105,18 @@ def class_interface_masks(
         ``(C, *S)`` bool numpy array. A class that is absent, or fills the image, has no interface.
     """
     y = _labels_numpy(labels)
-    out = np.zeros((num_classes, *y.shape), dtype=bool)
+    return np.stack([_class_interface(y, c, connectivity) for c in range(num_classes)])
+
+
+def _class_interface(y: np.ndarray, c: int, connectivity: str = "face") -> np.ndarray:
+    """``(*S)`` bool: voxels with a neighbour such that exactly one of the two is labelled ``c``."""
+    is_c = y == c
+    out = np.zeros(y.shape, dtype=bool)
     for off in _offsets(y.ndim, connectivity):
         a, b = _pair_slices(off)
-        ya, yb = y[a], y[b]
-        diff = ya != yb
-        for c in range(num_classes):  # few classes; each pass is one vectorised comparison
-            edge = diff & ((ya == c) | (yb == c))  # exactly one side is c because the labels differ
-            out[c][a] |= edge
-            out[c][b] |= edge
+        edge = is_c[a] != is_c[b]
+        out[a] |= edge
+        out[b] |= edge
     return out
 
 
@@ -223,10 +226,10 @@ def boundary_calibration(
         band_top = _band_from_interface(interface_mask(y_np), sp, band)
         counts.append(int(band_top.sum()))
         class_band = None
-        if classwise:
-            ifaces = class_interface_masks(y_np, num_classes)
-            class_band = np.stack([_band_from_interface(ifaces[c], sp, band) for c in range(num_classes)])
-            class_band[0] = False  # BECE_c is defined for foreground classes only
+        if classwise:  # one class at a time: never more than one (*S) interface mask alive
+            class_band = np.zeros((num_classes, *y_np.shape), dtype=bool)  # row 0 stays False (foreground only)
+            for c in range(1, num_classes):
+                class_band[c] = _band_from_interface(_class_interface(y_np, c), sp, band)
         st_top = case_slot_stats(
             p[b], y[b], n_bins, torch.from_numpy(band_top).to(p.device), top=True, classwise=False
         )
