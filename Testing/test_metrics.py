@@ -173,6 +173,15 @@ def test_classwise_reliability_rows_are_one_vs_rest_bins():
     np.testing.assert_allclose(hits, [np.sum(labels.numpy() == c) for c in range(3)])
 
 
+def test_argmax_ties_go_to_the_lowest_class_index():
+    # Both voxels tie between classes 0 and 1 (conf 0.45, bin 6); the reference label is 0 in both.
+    probs = torch.tensor([[0.45, 0.45], [0.45, 0.45], [0.1, 0.1]]).view(1, 3, 1, 2)
+    labels = torch.zeros(1, 1, 2, dtype=torch.int64)
+    # lowest index -> both hits: |1 - 0.45| = 0.55 (the highest-index rule would give 0.45)
+    assert ece(probs, labels) == pytest.approx(0.55, abs=1e-6)
+    assert ece(probs, labels + 1) == pytest.approx(0.45, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "name, w2, w0", [("A", 0.336338, 0.170458), ("B", 0.989332, 0.197745), ("C", 0.774894, 0.150020), ("E", 0.495713, None)]
 )
@@ -512,6 +521,19 @@ def test_chunked_kernel_matches_plain_numpy_reference_on_a_multi_chunk_volume(mo
     assert ece(probs, labels) == pytest.approx(expected_top, abs=1e-9)
     assert classwise_ece(probs, labels) == pytest.approx(expected_cw, abs=1e-9)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("num_classes, n_bins", [(20, 15), (3, 200), (2, 1)])
+def test_many_classes_or_bins_use_wider_indices_and_stay_exact(num_classes, n_bins):
+    rng = np.random.default_rng(num_classes * n_bins)
+    probs = torch.softmax(torch.from_numpy(rng.standard_normal((1, num_classes, 30, 37)) * 3).float(), dim=1)
+    labels = torch.from_numpy(rng.integers(0, num_classes, (1, 30, 37)))
+    conf, pred = probs.max(dim=1)
+    assert ece(probs, labels, n_bins=n_bins) == pytest.approx(
+        _reference_ece(conf.numpy(), (pred == labels).numpy(), n_bins), abs=1e-9
+    )
+    expected = [_reference_ece(probs[:, c].numpy(), (labels == c).numpy(), n_bins) for c in range(num_classes)]
+    np.testing.assert_allclose(classwise_ece(probs, labels, n_bins=n_bins, per_class=True), expected, atol=1e-9)
 
 
 def test_pece_matches_a_plain_reimplementation_on_random_data():

@@ -137,7 +137,8 @@ def _first_argmax(pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         greater = torch.gt(pc[c], conf)
         greater = greater.view(torch.uint8) if arg_dtype == torch.uint8 else greater.to(arg_dtype)  # free view
         torch.maximum(conf, pc[c], out=conf)
-        arg = arg * (1 - greater) + greater * c  # = c where a strictly larger value appears, else unchanged
+        # arg < c always, so "c where strictly greater, else keep" is a max with greater * c (branch-free)
+        torch.maximum(arg, greater * c, out=arg)
     return conf, arg
 
 
