@@ -157,6 +157,8 @@ def sample_asoct_params(
     p["lateral_rolloff_db"] = 6.0 * u3[0]
     p["lateral_shift_mm"] = 0.3 * (2 * u3[1] - 1)
     p["fixed_pattern_lines"] = bool(u3[2] < 0.25)
+    p["cornea_angle_falloff"] = 0.5 * u3[3]   # oblique surfaces send less light back [design]
+    p["capsule_angle_falloff"] = 0.5 * u3[4]
     p["rp_mm"] = 5.5 + 2.0 * (0.5 + 0.5 * np.tanh(res["rp"]))  # U-like spread over [5.5, 7.5]
 
     # ---- overrides ----

@@ -200,7 +200,9 @@ def _cornea_layer(sc: _Scene) -> None:
     sclera = np.clip((sc.r_abs - float(p["limbus_radius_mm"])) / 0.5, 0.0, 1.0)  # 0 cornea .. 1 sclera
     epi = np.exp(-0.5 * ((y - ant - 0.025) / max(0.012, 0.7 * sy)) ** 2)
     endo = np.exp(-0.5 * ((y - post + 0.01) / max(0.012, 0.7 * sy)) ** 2)
-    stroma = p["cornea_level"] * (1 - 0.15 * (y - ant) / np.maximum(post - ant, 1e-3))
+    cos_inc = 1.0 / np.sqrt(1.0 + np.gradient(ant.astype(np.float64), sc.xs) ** 2)  # beam vs surface normal
+    dim = (1.0 - float(p["cornea_angle_falloff"]) * (1.0 - cos_inc)).astype(np.float32)
+    stroma = p["cornea_level"] * dim * (1 - 0.15 * (y - ant) / np.maximum(post - ant, 1e-3))
     level = (1 - sclera) * stroma + sclera * p["sclera_level"]
     sc.b += np.where(in_cornea, level, 0).astype(np.float32)
     sc.b = np.maximum(sc.b, (p["epithelium_level"] * epi * (1 - 0.5 * sclera)).astype(np.float32))
@@ -358,6 +360,11 @@ def _lens_levels(eye: Eye, lens: _LensCrop, spacing: tuple[float, float], rng: n
         out = np.where(psc, np.maximum(out, 0.5), out)
     cap = p["capsule_level"] - np.where(w > 0, p["capsule_posterior_drop"], 0.0)
     cap = cap + 0.15 * np.exp(-r2 / 0.5)  # specular peak where the surface faces the beam
+    # dimmer where the capsule is oblique to the beam (towards the equator)
+    q = np.clip(1.0 - r2 / np.float32(prof.a**2), 1e-3, 1.0)
+    dwdr = 2 * np.sqrt(r2) / prof.a**2 * np.where(w < 0, prof.h_a * prof.p_a * q ** (prof.p_a - 1),
+                                                   prof.h_p * prof.p_p * q ** (prof.p_p - 1))
+    cap = cap * (1.0 - float(p["capsule_angle_falloff"]) * (1.0 - 1.0 / np.sqrt(1.0 + dwdr**2)))
     out = np.where(lens.capsule, np.maximum(out, cap), out)
     return np.where(lens.mask, np.clip(out, 0.02, 1.0), 0).astype(np.float32)
 
