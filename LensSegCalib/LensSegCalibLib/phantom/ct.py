@@ -13,6 +13,7 @@ integer HU (int16 values stored as float32).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -172,6 +173,23 @@ class _EyeCT:
                 "lens_center_head_mm": np.round(self.lens_center, 3).tolist()}
 
 
+@dataclass
+class _Grid:
+    """Head-frame coordinates (mm, float32) of the voxels being painted."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+
+    def ell(self, c: tuple[float, ...], s: tuple[float, ...]) -> np.ndarray:
+        """Ellipsoid quadric ((x-c)/s)^2 summed over axes; <= 1 inside."""
+        # python floats keep the float32 arrays float32 (NumPy scalars would promote to float64)
+        c0, c1, c2 = (float(v) for v in c)
+        i0, i1, i2 = (1.0 / float(v) for v in s)
+        a, b, d = (self.x - c0) * i0, (self.y - c1) * i1, (self.z - c2) * i2
+        return a * a + b * b + d * d
+
+
 class _Head:
     """Painter's-algorithm head model; ``paint`` rasterises one stack of fine slices."""
 
@@ -194,71 +212,89 @@ class _Head:
 
     def paint(self, rt: np.ndarray, xs: np.ndarray, ys: np.ndarray, zf: np.ndarray) -> np.ndarray:
         """HU on the grid ``(len(zf), len(ys), len(xs))`` of scan coordinates; ``rt`` maps scan -> head."""
-        p = self.p
         X, Y, Z = xs.reshape(1, 1, -1), ys.reshape(1, -1, 1), zf.reshape(-1, 1, 1)
-        hx = (rt[0, 0] * X + rt[0, 1] * Y + rt[0, 2] * Z).astype(np.float32)
-        hy = (rt[1, 0] * X + rt[1, 1] * Y + rt[1, 2] * Z).astype(np.float32)
-        hz = (rt[2, 0] * X + rt[2, 1] * Y + rt[2, 2] * Z).astype(np.float32)
-        img = np.full(hx.shape, -1000.0, np.float32)
+        grid = _Grid(*((rt[i, 0] * X + rt[i, 1] * Y + rt[i, 2] * Z).astype(np.float32) for i in range(3)))
+        img = np.full(grid.x.shape, -1000.0, np.float32)
+        skin, outer = self._paint_cranium(img, grid)
+        img = self._paint_face(img, grid, skin, outer)
+        self._paint_air(img, grid)
+        for eye in self.eyes:  # only inside the eye's bounding sphere (speed)
+            (cx, cy, cz), rad = eye.bound[0].tolist(), eye.bound[1]
+            near = (grid.x - cx) ** 2 + (grid.y - cy) ** 2 + (grid.z - cz) ** 2 < rad**2
+            if not near.any():
+                continue
+            jj, ii = np.nonzero(near.any(axis=(0, 2)))[0], np.nonzero(near.any(axis=(0, 1)))[0]
+            box = (slice(None), slice(jj[0], jj[-1] + 1), slice(ii[0], ii[-1] + 1))
+            self._paint_eye(img[box], grid.x[box], grid.y[box], grid.z[box], eye)
+        return img
 
-        def ell(c: tuple[float, float, float], s: tuple[float, float, float]) -> np.ndarray:
-            # python floats keep the float32 arrays float32 (NumPy scalars would promote to float64)
-            c0, c1, c2 = (float(v) for v in c)
-            i0, i1, i2 = (1.0 / float(v) for v in s)
-            a, b, d = (hx - c0) * i0, (hy - c1) * i1, (hz - c2) * i2
-            return a * a + b * b + d * d
+    def _paint_cranium(self, img: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+        """Scalp, skull (tables + diploe), brain (grey/white, ventricles, gyral texture, calcifications).
 
-        sa = self.semi
-
+        Returns the masks inside the skin and inside the outer skull table.
+        """
+        p, sa = self.p, self.semi
+        hx, hy, hz = grid.x, grid.y, grid.z
         # head "radius" g (1 on the skin): superellipsoid of exponent 3 in front (flatter face), ellipsoid behind;
         # inner surfaces are the level sets g = 1 - depth / mean semi-axis (one evaluation for all shells)
         ax, ay, az = np.abs(hx) / np.float32(sa[0]), hy / np.float32(sa[1]), np.abs(hz) / np.float32(sa[2])
-        front = hy < 0
-        g = np.where(front, np.cbrt(ax * ax * ax - ay * ay * ay + az * az * az), np.sqrt(ax * ax + ay * ay + az * az))
+        g = np.where(hy < 0, np.cbrt(ax * ax * ax - ay * ay * ay + az * az * az), np.sqrt(ax * ax + ay * ay + az * az))
         scale = float(np.mean(sa))
         scalp, skull = float(p["scalp_mm"]), float(p["skull_thickness_mm"])
 
         def level(depth_mm: float) -> float:
             return 1.0 - depth_mm / scale
 
-        q_skin = g
-        outer = g <= level(scalp)
-        img[q_skin <= 1] = p["soft_hu"]
+        skin, outer = g <= 1, g <= level(scalp)
+        img[skin] = p["soft_hu"]
         img[outer] = p["bone_hu"]
         img[(g <= level(scalp + skull / 3)) & (g > level(scalp + 2 * skull / 3))] = p["diploe_hu"]
         brain = g <= level(scalp + skull)
         img[brain] = p["brain_hu"] + p["grey_white_hu"] / 2
-        white = ell((0, 8, 12), tuple((sa - scalp - skull) * 0.72)) <= 1
+        white = grid.ell((0, 8, 12), tuple((sa - scalp - skull) * 0.72)) <= 1
         img[white & brain] = p["brain_hu"] - p["grey_white_hu"] / 2
         vs = float(p["ventricle_scale"])
         for sx in (-1, 1):
-            img[ell((sx * 7 * vs, 5, 18), (5 * vs, 22 * vs, 9 * vs)) <= 1] = p["csf_hu"]
+            img[grid.ell((sx * 7 * vs, 5, 18), (5 * vs, 22 * vs, 9 * vs)) <= 1] = p["csf_hu"]
         # gyral texture: a few fixed random waves (3-D consistent, cheap)
         wave = sum(np.sin(kx * hx + ky * hy + kz * hz + ph) for kx, ky, kz, ph in self.waves)
         img += np.float32(1.5) * wave * brain
-        # face block: in front of the middle cranial fossa (whose front runs obliquely from the lateral orbital
-        # wall to the orbital apex, like the greater sphenoid wings), below the orbital roof
+        # distractors: calcified choroid plexus / pineal (bright dots in the brain)
+        for centre, r, hu in self.calcs:
+            img[grid.ell(centre, (r, r, r)) <= 1] = hu
+        return skin, outer
+
+    def _paint_face(self, img: np.ndarray, grid: _Grid, skin: np.ndarray, outer: np.ndarray) -> np.ndarray:
+        """Face block in front of the middle cranial fossa and below the orbital roof, bony plates, temporalis,
+        nose. Returns the (possibly new) image array."""
+        p, hx, hy, hz = self.p, grid.x, grid.y, grid.z
+        # the middle fossa's front runs obliquely from the lateral orbital wall to the orbital apex (sphenoid wings)
         narrow = np.abs(hx) < self.x_face
         y_back = self.y_orbit_back - 0.8 * np.maximum(np.abs(hx) - 12.0, 0.0)
-        face = (hy < y_back) & (hz < self.z_roof) & (q_skin <= 1) & narrow
-        img[face] = p["soft_hu"]
+        img[(hy < y_back) & (hz < self.z_roof) & skin & narrow] = p["soft_hu"]
         in_skull = outer & narrow
         img[(hy >= y_back) & (hy < y_back + 3) & (hz < self.z_roof + 3) & in_skull] = p["bone_hu"]
         img[(hz >= self.z_roof) & (hz < self.z_roof + 3) & (hy < y_back) & in_skull] = p["bone_hu"]
-        # lateral to the face: temporalis muscle over the skull at eye level
-        temporal = (q_skin <= 1) & ~outer & ~narrow
-        weight = np.clip((45.0 - np.abs(hz - float(p["eye_level_mm"]))) / 15.0, 0.0, 1.0)  # fades out in z
+        # lateral to the face: temporalis muscle over the skull at eye level, fading out in z
+        temporal = skin & ~outer & ~narrow
+        weight = np.clip((45.0 - np.abs(hz - float(p["eye_level_mm"]))) / 15.0, 0.0, 1.0)
         img = np.where(temporal, p["soft_hu"] + (p["muscle_hu"] - p["soft_hu"]) * weight, img).astype(np.float32)
         # nose: soft-tissue wedge in front of the face, longer further down, nasal bones at the top
-        ze, yg, half = float(p["eye_level_mm"]), self.y_globe, float(p["ipd_mm"]) / 2 - float(p["globe_radius_mm"])
-        y_face = -float(sa[1]) * 0.97
+        ze = float(p["eye_level_mm"])
         length = np.clip((ze + 8 - hz) * 0.55, 0, float(p["nose_length_mm"]))
-        ahead = y_face - hy  # mm in front of the face plane
+        ahead = -float(self.semi[1]) * 0.97 - hy  # mm in front of the face plane
         nose = (hz < ze + 8) & (hz > ze - 55) & (ahead > -5) & (ahead < length) & \
             (np.abs(hx) < 0.45 * (length - ahead) + 1.5)
         img[nose] = p["soft_hu"]
         img[nose & (hz > ze - 22) & (ahead > length - 4) & (ahead < length - 2)] = p["bone_hu"] * 0.7
-        # paranasal air: ethmoid between the orbits, sphenoid behind it, nasal cavity, maxillary and frontal
+        return img
+
+    def _paint_air(self, img: np.ndarray, grid: _Grid) -> None:
+        """Paranasal air: ethmoid cells (with septa) between the orbits, sphenoid, nasal cavity, maxillary and
+        frontal sinuses."""
+        p, hx, hy, hz = self.p, grid.x, grid.y, grid.z
+        ze, yg = float(p["eye_level_mm"]), self.y_globe
+        half = float(p["ipd_mm"]) / 2 - float(p["globe_radius_mm"])
         eth = (np.abs(hx) < max(half - 5.0, 4.0)) & (hy > yg - 6) & (hy < yg + 28) & (np.abs(hz - ze) < 12)
         septa = (np.abs(np.sin(0.9 * hx + 0.3 * hz)) < 0.12) | (np.abs(np.sin(0.7 * hy + 1.0)) < 0.12)
         img[eth] = np.where(septa[eth], np.float32(250.0), np.float32(-950.0))
@@ -266,20 +302,8 @@ class _Head:
         img[sph & (np.abs(hx) > 0.8)] = -1000.0
         img[(np.abs(hx) < 7) & (hy > yg - 10) & (hy < yg + 35) & (hz < ze - 10) & (hz > ze - 55)] = -1000.0
         for sx in (-1, 1):
-            img[ell((sx * (half + 14), yg + 8, ze - 32), (13, 16, 15)) <= 1] = -1000.0
-        img[ell((0, yg - 6, ze + 26), (14, 5, 8)) <= 1] = -1000.0
-        # distractors: calcified choroid plexus / pineal (bright dots in the brain)
-        for (cx, cy, cz), r, hu in self.calcs:
-            img[ell((cx, cy, cz), (r, r, r)) <= 1] = hu
-        for eye in self.eyes:  # only inside the eye's bounding sphere (speed)
-            c, rad = eye.bound
-            near = (hx - c[0]) ** 2 + (hy - c[1]) ** 2 + (hz - c[2]) ** 2 < rad**2
-            if not near.any():
-                continue
-            jj, ii = np.nonzero(near.any(axis=(0, 2)))[0], np.nonzero(near.any(axis=(0, 1)))[0]
-            box = (slice(None), slice(jj[0], jj[-1] + 1), slice(ii[0], ii[-1] + 1))
-            self._paint_eye(img[box], hx[box], hy[box], hz[box], eye)
-        return img
+            img[grid.ell((sx * (half + 14), yg + 8, ze - 32), (13, 16, 15)) <= 1] = -1000.0
+        img[grid.ell((0, yg - 6, ze + 26), (14, 5, 8)) <= 1] = -1000.0
 
     def _paint_eye(self, img: np.ndarray, hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, eye: _EyeCT) -> None:
         p = self.p
