@@ -50,7 +50,9 @@ def test_asoct_contract_types_shapes_and_spacing():
     json.dumps({k: v for k, v in ph.meta.items() if k != "visible"})  # metadata is JSON-serialisable
 
 
-@pytest.mark.parametrize("seed,kw", [(2, {}), (11, {"split": "heldout"}), (5, {"tilt_deg": 9.0, "decentration_mm": 1.0})])
+@pytest.mark.parametrize(
+    "seed,kw", [(2, {}), (11, {"split": "heldout"}), (5, {"tilt_deg": 9.0, "decentration_mm": 1.0})]
+)
 def test_capsule_encloses_cortex_encloses_nucleus(seed, kw):
     ph = asoct_volume(seed, shape=SMALL, **kw)
     for lab in ph.labels:
