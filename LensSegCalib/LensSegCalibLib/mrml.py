@@ -291,6 +291,34 @@ def _import_mask(mask: np.ndarray, segmentationNode: Any, segmentId: str, refere
         slicer.mrmlScene.RemoveNode(temporary)
 
 
+def _export_mask(segmentationNode: Any, segmentId: str, referenceVolume: Any) -> np.ndarray:
+    """Bool ``(K, J, I)`` mask of one segment resampled onto ``referenceVolume``'s grid.
+
+    Own version of ``slicer.util.arrayFromSegmentBinaryLabelmap``, which leaves the temporary label map's
+    display node in the scene on every call.
+    """
+    import slicer
+    import vtk
+
+    temporary = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__LensSegCalib_temp__")
+    try:
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentId)
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentationNode, segmentIds,
+                                                                                 temporary, referenceVolume):
+            raise InputError(f"Segment {segmentId!r} of '{segmentationNode.GetName()}' could not be exported to the "
+                             "volume's grid; check that both overlap in space.")
+        return np.asarray(slicer.util.arrayFromVolume(temporary)) > 0
+    finally:
+        display = temporary.GetDisplayNode()
+        if display is not None:
+            color = display.GetColorNode()
+            slicer.mrmlScene.RemoveNode(display)
+            if color is not None and not color.GetSingletonTag():  # a per-export table, not a default one
+                slicer.mrmlScene.RemoveNode(color)
+        slicer.mrmlScene.RemoveNode(temporary)
+
+
 def labels_from_segmentation(segmentationNode: Any, referenceVolume: Any,
                              classes: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Label map ``(K, J, I)`` uint8 on ``referenceVolume``'s grid from a (reference) segmentation.
@@ -316,8 +344,7 @@ def labels_from_segmentation(segmentationNode: Any, referenceVolume: Any,
             byName.get(str(cls["name"]).strip().lower())
         if segmentId is None:
             continue
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
-        labels[np.asarray(mask) > 0] = int(cls["value"])
+        labels[_export_mask(segmentationNode, segmentId, referenceVolume)] = int(cls["value"])
         matched += 1
     if matched == 0:
         present = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]

@@ -73,11 +73,16 @@ def _nodeIds(scene) -> set:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
-def test_rerun_into_output_replaces_instead_of_duplicating(logic, obliqueVolume, cleanScene):
-    first = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+@pytest.mark.parametrize("withReference", [False, True])
+def test_rerun_into_output_replaces_instead_of_duplicating(logic, obliqueVolume, cleanScene, withReference):
+    reference = _referenceFor(obliqueVolume)[0] if withReference else None
+    first = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", reference=reference)
     before = _nodeIds(cleanScene)
-    again = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=first.segmentation)
-    assert _nodeIds(cleanScene) == before  # same nodes, updated in place
+    again = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=first.segmentation,
+                          reference=reference)
+    assert _nodeIds(cleanScene) == before  # same nodes, updated in place (charts too), no temporary leftovers
+    assert [c.GetID() for c in again.plots] == [c.GetID() for c in first.plots]
+    assert bool(first.plots) == withReference
     assert again.segmentation is first.segmentation
     assert {k: n.GetID() for k, n in again.heatmaps.items()} == {k: n.GetID() for k, n in first.heatmaps.items()}
     assert again.table.GetID() == first.table.GetID()

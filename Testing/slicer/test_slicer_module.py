@@ -94,3 +94,26 @@ def test_ct_sample_data_keeps_the_phantom_geometry(logic):
     np.testing.assert_array_equal(labels, phantom.labels)
     names = [reference.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
     assert names == ["Right lens", "Left lens"]
+
+
+def _shippedModel(modelId: str) -> bool:
+    from LensSegCalibLib.errors import CatalogError
+    from LensSegCalibLib.models import load_catalog
+
+    try:
+        return modelId in load_catalog()
+    except CatalogError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _shippedModel("asoct-lens-acw"), reason="asoct-lens-acw is not in the shipped catalog yet")
+def test_in_slicer_self_test_passes_headless_with_the_shipped_model(slicerEnv):
+    """LensSegCalibTest (what ctest runs inside Slicer): sample data -> shipped asoct-lens-acw -> nodes -> rerun
+    -> export, on a small phantom."""
+    import unittest
+
+    import LensSegCalib
+
+    outcome = unittest.TextTestRunner(verbosity=0).run(LensSegCalib.LensSegCalibTest("runTest"))
+    assert outcome.wasSuccessful(), [str(e[1]) for e in outcome.errors + outcome.failures]
