@@ -31,7 +31,8 @@ __all__ = ["SegmentationMetrics", "assd", "dice", "hd95", "iou", "segmentation_m
 def _label_maps(
     pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate two label maps ``(B, *S)`` and return them as int64 numpy arrays (CPU)."""
+    """Validate two label maps ``(B, *S)`` and return them as integer numpy arrays (CPU, dtype kept: no copy of
+    a numpy input, so a uint8 512^3 label map never turns into 1 GiB of int64)."""
     p = as_tensor(pred, "pred")
     r = as_tensor(ref, "ref")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
@@ -45,9 +46,11 @@ def _label_maps(
     for name, t in (("pred", p), ("ref", r)):
         if torch.is_floating_point(t) or t.is_complex():
             raise InputError(f"{name} must be an integer label map; got dtype {t.dtype}. Use argmax over C first.")
-    p_np = p.detach().cpu().numpy().astype(np.int64, copy=False)
-    r_np = r.detach().cpu().numpy().astype(np.int64, copy=False)
+    p_np = p.detach().cpu().numpy()
+    r_np = r.detach().cpu().numpy()
     for name, a in (("pred", p_np), ("ref", r_np)):
+        if a.dtype == np.bool_:
+            continue
         if a.size and (a.min() < 0 or a.max() >= num_classes):
             raise InputError(
                 f"{name} labels must lie in 0..{num_classes - 1}; found {a.min()}..{a.max()}. "
@@ -65,10 +68,18 @@ def _select(per_case: np.ndarray, include_background: bool, reduction: str) -> n
 
 
 def _overlap_counts(p: np.ndarray, r: np.ndarray, num_classes: int) -> tuple[np.ndarray, ...]:
-    """Per case: ``|P_c|``, ``|R_c|``, ``|P_c & R_c|`` as ``(B, C)`` int64 from one confusion bincount."""
-    b = p.shape[0]
-    flat = (p.reshape(b, -1) * num_classes + r.reshape(b, -1)) + (np.arange(b)[:, None] * num_classes**2)
-    conf = np.bincount(flat.ravel(), minlength=b * num_classes**2).reshape(b, num_classes, num_classes)
+    """Per case: ``|P_c|``, ``|R_c|``, ``|P_c & R_c|`` as ``(B, C)`` int64 from one confusion bincount per case.
+
+    The pair index ``pred * C + ref`` is built in the smallest dtype that holds ``C^2`` (uint8 for C <= 16), one
+    case at a time, so the temporary is 1-4 bytes per voxel of one case.
+    """
+    n_pairs = num_classes**2
+    dtype = torch.uint8 if n_pairs <= 256 else torch.int32 if n_pairs < 2**31 else torch.int64
+    conf = np.zeros((p.shape[0], num_classes, num_classes), dtype=np.int64)
+    for i in range(p.shape[0]):
+        pair = torch.from_numpy(np.ascontiguousarray(p[i])).to(dtype).mul_(num_classes)
+        pair += torch.from_numpy(np.ascontiguousarray(r[i])).to(dtype)
+        conf[i] = torch.bincount(pair.reshape(-1), minlength=n_pairs).numpy().reshape(num_classes, num_classes)
     return conf.sum(axis=2), conf.sum(axis=1), np.diagonal(conf, axis1=1, axis2=2)
 
 
