@@ -389,14 +389,20 @@ def _reference_metrics(prediction: "Prediction", ref: np.ndarray, spacing: tuple
         mask = y == c
         present = bool(mask.any())
         one_vs_rest = np.stack([1.0 - probs[:, c].astype(np.float32), probs[:, c].astype(np.float32)], axis=1)
+        inside = math.nan, math.nan, math.nan
+        if present:  # one pass gives top-label ECE, NLL and Brier over the reference voxels of c
+            acc_c = M.CalibrationAccumulator(n_bins=n_bins, scores=True)
+            acc_c.update(probs, y, mask=mask)
+            res_c = acc_c.compute()
+            inside = res_c.ece, res_c.nll, res_c.brier
         segments[c] = {
             **seg_metrics[c],
-            "ece": float(M.ece(probs, y, n_bins, mask=mask)) if present else math.nan,
+            "ece": float(inside[0]),
             "classwise_ece": float(cal.classwise_ece_per_class[c]),
             "bece": float(bc.bece_classwise[c - 1]),
-            "pece": float(M.pece(one_vs_rest, mask.astype(np.int64))),
-            "nll": float(M.nll(probs, y, mask=mask)) if present else math.nan,
-            "brier": float(M.brier(probs, y, mask=mask)) if present else math.nan,
+            "pece": float(M.pece(one_vs_rest, mask.astype(np.uint8))),
+            "nll": float(inside[1]),
+            "brier": float(inside[2]),
             "reliability": _reliability_dict(per_class_rel, row=c),
         }
     return {"summary": summary, "segments": segments}
