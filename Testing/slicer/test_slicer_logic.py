@@ -266,3 +266,28 @@ def test_cancelling_the_child_process_raises_and_leaves_no_outputs(logic, obliqu
         logic.batch([str(path)], str(out), model=TINY_MODEL, device="cpu", inProcess=False, cancel=cancel,
                     progress=lambda f, m: cancel.set())  # cancel at the first progress line
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_unusable_inputs_raise_clear_errors_and_change_nothing(logic, obliqueVolume, cleanScene):
+    from LensSegCalibLib import InputError
+
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    rgb = slicer.util.addVolumeFromArray(np.zeros((2, 8, 8, 3), np.uint8), name="rgb", nodeClassName="vtkMRMLVectorVolumeNode")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    obliqueVolume.SetAndObserveTransformNodeID(transform.GetID())
+    before = _nodeIds(cleanScene)
+    for node, fragment in ((empty, "has no voxels"), (rgb, "components per voxel"), (obliqueVolume, "Harden")):
+        with pytest.raises(InputError, match=fragment):
+            logic.segment(node, model=TINY_MODEL, device="cpu")
+    with pytest.raises(InputError, match="scalar volume"):
+        logic.segment(None, model=TINY_MODEL, device="cpu")
+    assert _nodeIds(cleanScene) == before
+
+
+def test_unknown_model_lists_the_known_ones(logic, obliqueVolume, cleanScene):
+    from LensSegCalibLib import ModelError
+
+    before = _nodeIds(cleanScene)
+    with pytest.raises(ModelError, match=TINY_MODEL):
+        logic.segment(obliqueVolume, model="no-such-model", device="cpu")
+    assert _nodeIds(cleanScene) == before
