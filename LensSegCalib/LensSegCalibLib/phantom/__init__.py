@@ -19,7 +19,7 @@ from .ct import ct_head_volume
 from .writers import CLASSES, write_phantom
 
 #: Bumped whenever a seed's phantom changes (geometry or appearance): lets caches key on it.
-PHANTOM_VERSION = "1.4"
+PHANTOM_VERSION = "1.5"
 
 __all__ = ["Phantom", "asoct_volume", "ct_head_volume", "write_phantom", "CLASSES", "HELDOUT_SEED_START",
            "PHANTOM_VERSION"]

@@ -155,7 +155,8 @@ def sample_asoct_params(
     p["despeckle_sigma_px"] = 0.5 + 1.0 * u2[23] if u2[22] < 0.3 else 0.0
     u3 = rng.random(8)  # third block (append only)
     p["lateral_rolloff_db"] = 6.0 * u3[0]
-    p["lateral_shift_mm"] = 0.3 * (2 * u3[1] - 1)
+    p["lateral_shift_mm"] = 0.3 * u3[1]  # scan centre -> optical axis distance, direction below
+    p["lateral_shift_azimuth_deg"] = 360 * u3[5]
     p["fixed_pattern_lines"] = bool(u3[2] < 0.25)
     p["cornea_angle_falloff"] = 0.5 * u3[3]   # oblique surfaces send less light back [design]
     p["capsule_angle_falloff"] = 0.5 * u3[4]

@@ -46,11 +46,24 @@ class Eye:
         centre = (dec * np.cos(daz), dec * np.sin(daz), self.endothelium + float(p["acd_mm"]) + h_a)
         self.lens_center = tuple(float(c) for c in centre)
         self.rot = rotation_to_axis(float(p["tilt_deg"]), float(p["tilt_azimuth_deg"]))
+        # the radial scans rotate about a centre that may miss the optical axis (alignment on the corneal reflex)
+        s, saz = float(p["lateral_shift_mm"]), np.deg2rad(float(p["lateral_shift_azimuth_deg"]))
+        self.scan_offset = (s * np.cos(saz), s * np.sin(saz))
+
+    def offset_in(self, theta_deg: float) -> tuple[float, float]:
+        """Scan-centre offset from the optical axis (mm) along and across the meridian ``theta_deg``."""
+        th = np.deg2rad(theta_deg)
+        dx, dy = self.scan_offset
+        return float(dx * np.cos(th) + dy * np.sin(th)), float(-dx * np.sin(th) + dy * np.cos(th))
 
     def lens_frame(self, theta_deg: float) -> np.ndarray:
-        """Affine map (3x3: rows u, v, w; columns x, depth, 1) from B-scan (x, depth) to lens frame."""
+        """Affine map (3x3: rows u, v, w; columns x, depth, 1) from B-scan (x, depth) to lens frame.
+
+        B-scan point (x, depth) is the eye point scan_offset + x (cos theta, sin theta) at that depth.
+        """
         th = np.deg2rad(theta_deg)
         cx, cy, cz = self.lens_center
+        cx, cy = cx - self.scan_offset[0], cy - self.scan_offset[1]
         m = np.empty((3, 3))
         for i in range(3):
             m[i, 0] = self.rot[0, i] * np.cos(th) + self.rot[1, i] * np.sin(th)
@@ -110,7 +123,8 @@ class _Scene:
         self.labels = np.zeros(shape, np.uint8)
         self.frac = np.zeros(shape, np.float32)
         self.hidden = np.zeros(shape, bool)
-        self.r_abs = np.abs(self.xs)
+        along, across = self.eye.offset_in(self.theta)
+        self.r_abs = np.sqrt((self.xs + along) ** 2 + across**2)  # distance of each A-scan from the optical axis
         self.ant, self.post = (v.astype(np.float32) for v in self.eye.cornea(self.r_abs))
 
     @property
@@ -126,8 +140,7 @@ def render_bscan(eye: Eye, theta: float, jitter: float, shape: tuple[int, int], 
     """
     ny, nx = shape
     sy, sx = spacing
-    # eye-frame lateral coordinate: the scan centre may miss the optical axis by lateral_shift_mm
-    xs = (np.arange(nx) + 0.5) * sx - FIELD_OF_VIEW_MM[1] / 2 - float(eye.p["lateral_shift_mm"])
+    xs = (np.arange(nx) + 0.5) * sx - FIELD_OF_VIEW_MM[1] / 2  # 0 at the scan centre
     ys = (np.arange(ny) + 0.5) * sy - jitter
     sc = _Scene(eye, theta, xs, ys, spacing, rng)
     lens = _lens_labels(sc)
@@ -162,7 +175,8 @@ def _lens_labels(sc: _Scene) -> _LensCrop:
     m = eye.lens_frame(sc.theta)
     lens = eye.lens
     tilt, th = np.deg2rad(float(p["tilt_deg"])), np.deg2rad(sc.theta)
-    x_c = eye.lens_center[0] * np.cos(th) + eye.lens_center[1] * np.sin(th)
+    rel_x, rel_y = eye.lens_center[0] - eye.scan_offset[0], eye.lens_center[1] - eye.scan_offset[1]
+    x_c = rel_x * np.cos(th) + rel_y * np.sin(th)  # lens centre along this meridian
     half_w = lens.a + max(lens.h_a, lens.h_p) * np.sin(tilt) + 0.2
     top = eye.lens_center[2] - lens.h_a * np.cos(tilt) - lens.a * np.sin(tilt) - 0.2
     bot = eye.lens_center[2] + lens.h_p * np.cos(tilt) + lens.a * np.sin(tilt) + 0.2
@@ -273,7 +287,7 @@ def _eyelid_layer(sc: _Scene, tex: np.ndarray) -> None:
     p, y = sc.eye.p, sc.ycol
     if not p["eyelids"]:
         return
-    vert = sc.xs * np.sin(np.deg2rad(sc.theta))  # superior coordinate of each A-scan (mm)
+    vert = sc.eye.scan_offset[1] + sc.xs * np.sin(np.deg2rad(sc.theta))  # superior coordinate of each A-scan
     over = np.maximum(vert - float(p["upper_lid_mm"]), -vert - float(p["lower_lid_mm"]))
     lid_th = (float(p["lid_thickness_mm"]) * np.sqrt(np.clip(over / 0.8, 0.0, 1.0))).astype(np.float32)
     lid = (y < sc.ant - 0.03) & (y > sc.ant - 0.03 - lid_th)
@@ -292,7 +306,7 @@ def _form_image(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
     zopt = np.cumsum(sc.n_idx, axis=0) * sy
     loss += p["rolloff_db"] * zopt / (FIELD_OF_VIEW_MM[0] * 1.36)
     loss += p["focus_db"] * np.minimum(((y - eye.lens_center[2]) / p["focus_range_mm"]) ** 2, 1.0)
-    x_scan = (sc.xs + float(p["lateral_shift_mm"])) / (FIELD_OF_VIEW_MM[1] / 2)
+    x_scan = sc.xs / (FIELD_OF_VIEW_MM[1] / 2)
     loss += (float(p["lateral_rolloff_db"]) * x_scan**2).astype(np.float32)  # dimmer towards the frame edges
     dr, f0, looks = float(p["dynamic_range_db"]), float(p["floor_level"]), int(p["looks"])
     visible = (loss < 0.6 * dr) & ~sc.hidden
@@ -306,7 +320,8 @@ def _form_image(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
     fwhm = (float(p["psf_fwhm_axial_px"]) / 2.3548, float(p["psf_fwhm_lateral_px"]) / 2.3548)
     inten = speckle_intensity(refl, sc.rng, psf_sigma_px=fwhm, looks=looks)
     if p["specular_streak"]:
-        prof = np.exp(-0.5 * (sc.xs / max(p["streak_width_mm"], sx)) ** 2)
+        apex_x = -eye.offset_in(sc.theta)[0]  # A-scan nearest the corneal apex
+        prof = np.exp(-0.5 * ((sc.xs - apex_x) / max(p["streak_width_mm"], sx)) ** 2)
         streak = np.power(10.0, (p["streak_level"] * dr + noise_db) / 10) * prof * np.exp(-(y - eye.apex) / 6.0)
         flicker = sc.rng.uniform(0.5, 1.5, (y.size, 1)).astype(np.float32)  # not uniform along depth
         inten += np.where(y > eye.apex - 0.3, streak, 0).astype(np.float32) * flicker
