@@ -4,6 +4,8 @@ Expected values come from the official code (METHODS.md tables); tolerance 2e-6 
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,17 @@ def test_acw_threshold_scheduler_follows_the_hill_climb_rule():
     assert acw.q == pytest.approx(0.6375) and sched.frozen and sched.history[8]["frozen"]
     clipped = ACWThresholdScheduler(q=0.85)
     assert [clipped.step(j) for j in (0.1, 0.2)] == pytest.approx([0.85, 0.9])
+
+
+def test_acw_threshold_scheduler_resumes_from_its_state():
+    first = ACWThresholdScheduler()
+    for j in (0.5, 0.6, 0.55):
+        first.step(j)
+    resumed_loss = ACWLoss()
+    resumed = ACWThresholdScheduler(resumed_loss)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed_loss.q == pytest.approx(0.55)
+    assert resumed.step(0.56) == pytest.approx(first.step(0.56)) == pytest.approx(0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,10 +484,11 @@ def _instances() -> dict[str, torch.nn.Module]:
     made = {name: build_loss(name) for name in LOSSES if name != "calf"}
     made["calf"] = build_loss("calf", foreground_sizes=[10, 30, 50, 60, 70, 75, 80])  # logit branch
     made["acw_per_class"] = ACWLoss(per_class=True)
+    made["sdc_volumetric"] = SDCLoss(slicewise_3d=False)
     return made
 
 
-@pytest.mark.parametrize("name", ["ce", "dicece", "acw", "acw_per_class", "sdc", "rrw", "calf"])
+@pytest.mark.parametrize("name", ["ce", "dicece", "acw", "acw_per_class", "sdc", "sdc_volumetric", "rrw", "calf"])
 def test_2d_equals_3d_with_one_slice(name):
     # NACL and SVLS are excluded on purpose: their 3D kernels (3×3×3) differ from the 2D ones by definition.
     logits, labels = case_b()

@@ -259,6 +259,26 @@ class ACWThresholdScheduler:
         if self.loss is not None:
             self.loss.q = self.q
 
+    def state_dict(self) -> dict[str, object]:
+        """JSON-serialisable state for checkpoints (everything but the attached loss)."""
+        return {"q": self.q, "delta": self.delta, "direction": self.direction, "bounds": list(self.bounds),
+                "min_delta": self.min_delta, "frozen": self.frozen, "previous_iou": self.previous_iou,
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` output (resuming training); sets the attached loss's ``q``."""
+        self.q = float(state["q"])  # type: ignore[arg-type]
+        self.delta = float(state["delta"])  # type: ignore[arg-type]
+        self.direction = int(state["direction"])  # type: ignore[call-overload]
+        self.bounds = tuple(state["bounds"])  # type: ignore[assignment,arg-type]
+        self.min_delta = float(state["min_delta"])  # type: ignore[arg-type]
+        self.frozen = bool(state["frozen"])
+        prev = state["previous_iou"]
+        self.previous_iou = None if prev is None else float(prev)  # type: ignore[arg-type]
+        self.history = [dict(h) for h in state["history"]]  # type: ignore[union-attr]
+        if self.loss is not None:
+            self.loss.q = self.q
+
     def step(self, mean_foreground_iou: float) -> float:
         """Record one validation epoch's mean foreground IoU and return the ``q`` to use next."""
         iou = float(mean_foreground_iou)
