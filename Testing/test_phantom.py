@@ -300,6 +300,7 @@ def test_write_phantom_round_trips_geometry_and_segments(tmp_path, task, shape):
     np.testing.assert_allclose(img.GetSpacing()[::-1], ph.spacing, rtol=1e-6)
     np.testing.assert_allclose(img.GetOrigin(), ph.origin, atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), ph.image)
+    assert img.GetPixelIDTypeAsString() == ("16-bit signed integer" if task == "ct" else "32-bit float")
     vis = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["visible"])))
     np.testing.assert_array_equal(vis.astype(bool), ph.visible)
     seg = slicerio.read_segmentation(str(paths["segmentation"]))

@@ -80,7 +80,8 @@ def write_phantom(
 ) -> dict[str, Path]:
     """Generate one phantom and write it for Slicer.
 
-    Files (in ``out_dir``, created if needed): ``<task>_<seed>.nrrd`` (image with geometry),
+    Files (in ``out_dir``, created if needed): ``<task>_<seed>.nrrd`` (image with geometry; float32 display
+    intensity for AS-OCT, int16 HU for CT),
     ``<task>_<seed>.seg.nrrd`` (labels as named, coloured segments with terminology),
     ``<task>_<seed>_visible.nrrd`` (uint8 0/1 beam-visibility mask), ``<task>_<seed>.json`` (metadata).
 
@@ -111,7 +112,9 @@ def write_phantom(
             raise OutputError(f"{existing[0]} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     phantom = TASKS[task](seed, shape=shape, **variation)
     geometry = phantom_geometry(phantom)
-    write_volume(paths["image"], phantom.image, geometry, overwrite=overwrite)
+    # CT is integer HU in [-1024, 3071]: store it as int16 like a scanner series (exact, half the size)
+    image = phantom.image.astype(np.int16) if task == "ct" else phantom.image
+    write_volume(paths["image"], image, geometry, overwrite=overwrite)
     write_segmentation(paths["segmentation"], phantom.labels, geometry, CLASSES[task], overwrite=overwrite)
     write_volume(paths["visible"], phantom.visible.astype(np.uint8), geometry, overwrite=overwrite)
     meta = meta_to_json(phantom.meta)
