@@ -508,8 +508,8 @@ def test_scalar_finite_gradient_and_channel_axis(name, shape):
     assert out.ndim == 0 and out.dtype == torch.float32 and out.device == z.device
     assert torch.isfinite(out) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     with torch.no_grad():
-        assert float(loss(z, y[:, None])) == pytest.approx(float(out), abs=1e-6)
-        assert float(loss(z, y[:, None].float())) == pytest.approx(float(out), abs=1e-6)
+        assert loss(z, y[:, None]).item() == pytest.approx(out.item(), abs=1e-6)
+        assert loss(z, y[:, None].float()).item() == pytest.approx(out.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", [*LOSSES, "acw_per_class"])
@@ -522,13 +522,16 @@ def test_autocast_half_precision_is_finite_and_close(name, dtype):
     with torch.no_grad():
         conv.weight.copy_(torch.eye(3)[:, :, None, None])
     for scale in (1.0, 40.0):  # 40× saturates fp16 softmax if it were computed in fp16
+        conv.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
             z = conv(logits * scale)  # an autocast layer output, as in training
             out = loss(z, labels)
+        out.backward()
         assert z.dtype == dtype and out.dtype == torch.float32 and torch.isfinite(out)
-    with torch.autocast("cpu", dtype=dtype):
+        assert torch.isfinite(conv.weight.grad).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         out = loss(conv(logits), labels)
-    assert float(out) == pytest.approx(reference, abs=0.05 * (1 + abs(reference)))
+    assert out.item() == pytest.approx(reference, abs=0.05 * (1 + abs(reference)))
 
 
 @given(st.sampled_from([*LOSSES]), st.integers(1, 2), st.integers(2, 4), st.lists(st.integers(1, 6), min_size=2,
