@@ -112,3 +112,17 @@ def test_errors_name_the_problem():
         heatmaps.boundary_calibration_map(probs, label, (0.5, -1.0))
     with pytest.raises(InputError, match="region"):
         heatmaps.boundary_calibration_map(probs, label, (0.5, 0.5), region="inside")  # type: ignore[arg-type]
+
+
+def test_slabbed_band_equals_the_whole_volume_band(monkeypatch):
+    from LensSegCalibLib.metrics import boundary_band
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((23, 20, 18), dtype=np.uint8)
+    labels[3:19, 4:15, 5:14] = 1
+    labels[8:12, 7:11, 6:10] = 2
+    labels[rng.random(labels.shape) < 0.01] = 3  # scattered specks: interfaces near every slab edge
+    spacing = (0.7, 0.5, 0.6)
+    whole = boundary_band(labels, spacing, 1.3)
+    monkeypatch.setattr(heatmaps, "_BAND_SLAB_VOXELS", 20 * 18 * 4)  # 4 rows per slab, halo of 3 rows
+    np.testing.assert_array_equal(heatmaps.boundary_band_mask(labels, spacing, 1.3), whole)

@@ -34,6 +34,8 @@ __all__ = [
 
 # Voxels per chunk when reducing over classes: bounds the float32 temporaries for float16 inputs.
 _CHUNK_VOXELS = 1 << 22
+# Voxels per slab of the band computation (the EDT needs ~20 bytes per voxel: ~320 MiB per slab).
+_BAND_SLAB_VOXELS = 1 << 24
 
 
 def _as_numpy(array: object) -> np.ndarray:
@@ -128,8 +130,11 @@ def default_sigma_mm(spacing: Sequence[float]) -> float:
 def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm: float | None = None) -> np.ndarray:
     """Voxels within ``band_mm`` of an interface of ``labels`` (the BECE band, METHODS.md 2), as a bool mask.
 
-    Thin wrapper of ``LensSegCalibLib.metrics.boundary_band`` (face-connected interfaces, Euclidean distance in
-    mm between voxel centres, inclusive), so the heat maps and BECE can never disagree about the band.
+    Uses ``LensSegCalibLib.metrics.boundary_band`` (face-connected interfaces, Euclidean distance in mm between
+    voxel centres, inclusive), so the heat maps and BECE can never disagree about the band. Large 3D volumes
+    are processed in slabs along axis 0 with a halo of ``band_mm`` (+1 voxel for the interface test), which
+    gives exactly the whole-volume band while the distance transform's memory (~20 bytes per voxel) stays
+    bounded by the slab size.
 
     Args:
         labels: integer ``(*S)`` label map.
@@ -146,7 +151,18 @@ def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm:
     band = default_band_mm(spacing_t) if band_mm is None else float(band_mm)
     if not np.isfinite(band) or band < 0:
         raise InputError(f"band_mm must be a finite value >= 0 mm; got {band_mm!r}.")
-    return np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
+    per_row = int(np.prod(lab.shape[1:], dtype=np.int64))
+    rows = max(1, _BAND_SLAB_VOXELS // max(per_row, 1))
+    if lab.ndim < 3 or lab.shape[0] <= rows:
+        return np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
+    halo = int(np.ceil(band / spacing_t[0])) + 1  # band reach along axis 0, +1 so halo voxels see neighbours
+    out = np.zeros(lab.shape, dtype=bool)
+    for z0 in range(0, lab.shape[0], rows):
+        z1 = min(z0 + rows, lab.shape[0])
+        lo, hi = max(z0 - halo, 0), min(z1 + halo, lab.shape[0])
+        part = np.asarray(boundary_band(lab[lo:hi], spacing_t, band), dtype=bool)
+        out[z0:z1] = part[z0 - lo:z1 - lo]
+    return out
 
 
 def label_free_boundary_map(

@@ -538,12 +538,12 @@ class Segmenter:
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _sliding(self, x: "torch.Tensor", cancel: Any, tick: Callable[[int], None]) -> "torch.Tensor":
+    def _sliding(self, x: "torch.Tensor", roi: Sequence[int], cancel: Any,
+                 tick: Callable[[int], None]) -> "torch.Tensor":
         from monai.inferers import sliding_window_inference
 
-        roi = list(self.spec.patch_size)
         return sliding_window_inference(
-            x, roi_size=roi, sw_batch_size=self.batch_size, predictor=self._forward(cancel, tick),
+            x, roi_size=list(roi), sw_batch_size=self.batch_size, predictor=self._forward(cancel, tick),
             overlap=self.overlap, mode="gaussian", cval=self._cval(), sw_device=self.device, device=self.device,
         )
 
@@ -556,9 +556,7 @@ class Segmenter:
 
         depth, height, width = norm.shape
         model_hw = resampled_shape((height, width), spacing[1:], self.spec.spacing_mm[1:])
-        roi = self.spec.patch_size[-2:]
-        if len(self.spec.patch_size) != 2:
-            roi = tuple(self.spec.patch_size[-2:])
+        roi = tuple(self.spec.patch_size[-2:])  # a 3-value patch size of a 2D model: its in-plane part
         per_slice = _window_count(model_hw, roi, self.overlap, 1)
         total = max(1, per_slice * depth)
         done = [0]
@@ -575,7 +573,7 @@ class Segmenter:
                 x = torch.from_numpy(norm[z0:z1]).to(self.device)[:, None]
                 if tuple(model_hw) != (height, width):
                     x = F.interpolate(x, size=tuple(model_hw), mode="bilinear", align_corners=False)
-                logits = self._sliding(x, cancel, tick)
+                logits = self._sliding(x, roi, cancel, tick)
                 probs = torch.softmax(logits.float() / temperature, dim=1)
                 del logits, x
                 if tuple(model_hw) != (height, width):
@@ -610,7 +608,7 @@ class Segmenter:
                 x = torch.from_numpy(norm).to(self.device)[None, None]
                 if tuple(model_shape) != tuple(shape):
                     x = F.interpolate(x, size=tuple(model_shape), mode="trilinear", align_corners=False)
-                logits = self._sliding(x, cancel, tick)[0]
+                logits = self._sliding(x, roi, cancel, tick)[0]
                 del x
                 # softmax in place, slab by slab along z, so no second model-grid copy exists
                 step = max(1, _SLAB_VOXELS // max(1, int(np.prod(model_shape[1:]))))
