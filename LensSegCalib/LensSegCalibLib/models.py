@@ -376,6 +376,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a catalog/weights file must be readable by every user
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -210,7 +210,7 @@ class PatchSampler:
 
     def __init__(self, volumes: Sequence[CachedVolume], patch_size: Sequence[int], *, fg_fraction: float = 0.7,
                  flip_axes: Sequence[int] = (), augment: Mapping[str, Any] | None = None,
-                 sdf_classes: int | None = None) -> None:
+                 sdf_classes: int | None = None, class_balanced: bool = False, jitter: float = 0.5) -> None:
         if not volumes:
             raise InputError("No training volumes: give at least one seed in data.train_seeds.")
         self.volumes = list(volumes)
@@ -219,8 +219,16 @@ class PatchSampler:
         self.flip_axes = tuple(flip_axes)
         self.augment = dict(augment or {})
         self.sdf_classes = sdf_classes
-        # foreground coordinates per volume (small: a few % of the voxels), computed once
+        self.class_balanced = bool(class_balanced)
+        self.jitter = float(jitter)
+        # foreground coordinates per volume (small: a few % of the voxels), computed once; with class_balanced
+        # the centre class is drawn uniformly among the foreground classes present, so a thin class (the
+        # 2-voxel capsule) is as often at a patch centre as the large ones (nnU-Net-style oversampling)
         self._fg = [np.argwhere(np.asarray(v.labels) > 0) for v in self.volumes]
+        self._fg_cls = []
+        for v, fg in zip(self.volumes, self._fg):
+            lab = np.asarray(v.labels)[tuple(fg.T)] if fg.size else np.zeros(0, np.uint8)
+            self._fg_cls.append({int(c): np.flatnonzero(lab == c) for c in np.unique(lab)})
         if len(self.patch) == 2:
             self._slices = [(i, z) for i, v in enumerate(self.volumes) for z in range(v.labels.shape[0])]
 
@@ -250,9 +258,17 @@ class PatchSampler:
             vol = self.volumes[vi]
             fg = self._fg[vi]
             use_fg = fg.shape[0] > 0 and rng.random() < self.fg_fraction
+            if use_fg:
+                if self.class_balanced:
+                    groups = self._fg_cls[vi]
+                    keys = sorted(groups)
+                    idx = groups[keys[int(rng.integers(len(keys)))]]
+                    pick = fg[idx[int(rng.integers(idx.size))]]
+                else:
+                    pick = fg[int(rng.integers(fg.shape[0]))]
             if nd == 2:
                 if use_fg:
-                    zc = fg[int(rng.integers(fg.shape[0]))]
+                    zc = pick
                     z, centre = int(zc[0]), zc[1:]
                 else:
                     z = int(rng.integers(vol.labels.shape[0]))
@@ -260,11 +276,12 @@ class PatchSampler:
                 img_src, lab_src = vol.image[z], vol.labels[z]
             else:
                 if use_fg:
-                    centre = fg[int(rng.integers(fg.shape[0]))]
+                    centre = pick
                 else:
                     centre = np.array([rng.integers(n) for n in vol.labels.shape])
                 img_src, lab_src = vol.image, vol.labels
-            jitter = np.array([int(rng.integers(-(p // 2), p // 2 + 1)) for p in self.patch]) if use_fg else 0
+            jit = [int(p * self.jitter) for p in self.patch]
+            jitter = np.array([int(rng.integers(-j, j + 1)) for j in jit]) if use_fg else 0
             start = (np.asarray(centre) + jitter - np.array(self.patch) // 2).tolist()
             im = self._window(img_src, start, float(-1.0))
             lb = self._window(lab_src, start, 0)

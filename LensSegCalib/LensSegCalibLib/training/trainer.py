@@ -339,7 +339,9 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
     inp = cfg["input"]
     sampler = PatchSampler(train_vols, inp["patch_size"], fg_fraction=cfg["data"]["fg_fraction"],
                            flip_axes=cfg["data"]["flip_axes"], augment=cfg["data"]["augment"],
-                           sdf_classes=len(cfg["classes"]) if _loss_needs_targets(cfg["loss"]) else None)
+                           sdf_classes=len(cfg["classes"]) if _loss_needs_targets(cfg["loss"]) else None,
+                           class_balanced=bool(cfg["data"].get("class_balanced", False)),
+                           jitter=float(cfg["data"].get("jitter", 0.5)))
     val_cases = _val_cases(val_vols, cfg) if dist.is_main else []
 
     torch.manual_seed(seed)  # identical initial weights on every rank
