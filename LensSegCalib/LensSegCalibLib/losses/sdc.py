@@ -132,9 +132,10 @@ def sdc_targets(
     dims = tuple(range(2, signed.ndim))
     scale = signed.abs().amax(dim=dims, keepdim=True) + 1e-6
     target = signed / scale
-    counts = one_hot(y, num_classes, torch.float32).sum(dim=dims, keepdim=True)
-    n_voxels = float(np.prod(y.shape[1:]))
-    target = torch.where(counts == 0, -1.0, torch.where(counts == n_voxels, 1.0, target))
+    masks = one_hot(y, num_classes, torch.bool)
+    absent = ~masks.any(dim=dims, keepdim=True)
+    full = masks.all(dim=dims, keepdim=True)
+    target = torch.where(absent, -1.0, torch.where(full, 1.0, target))
     return -target if official_sign else target
 
 
