@@ -302,6 +302,13 @@ def test_stacked_edt_equals_one_scipy_call_per_mask():
     np.testing.assert_allclose(masks_edt(masks, spacing), ref, rtol=0, atol=1e-12)
 
 
+def test_sdc_targets_accept_numpy_label_batches_including_flipped_views():
+    _, labels = case_b()
+    flipped = np.flip(labels.numpy(), axis=2)  # negative strides, as a flip augmentation makes
+    expected = torch.flip(sdc_targets(labels, 3), dims=[3])
+    assert torch.equal(sdc_targets(flipped, 3), expected)
+
+
 def test_sdc_precomputed_targets_give_the_same_loss_and_are_validated():
     logits, labels = case_c()
     loss = SDCLoss()

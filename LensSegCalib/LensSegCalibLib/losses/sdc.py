@@ -57,6 +57,8 @@ def _edt(masks: torch.Tensor, spacing: tuple[float, ...] | None) -> torch.Tensor
 
 def _label_batch(labels: torch.Tensor | np.ndarray, spatial_dims: int | None) -> torch.Tensor:
     """Accept ``(B, *S)`` or ``(B, 1, *S)`` integer labels (tensor or array) -> int64 tensor ``(B, *S)``."""
+    if isinstance(labels, np.ndarray):
+        labels = np.ascontiguousarray(labels)  # flipped views (negative strides) cannot become tensors
     y = torch.as_tensor(labels)
     y = y.as_subclass(torch.Tensor) if type(y) is not torch.Tensor else y
     if spatial_dims is None:
