@@ -3,7 +3,8 @@
 Scenarios (phantoms, generated once in the parent and handed to workers as .npy files):
 
 - ``asoct``: a real-device-size radial AS-OCT scan, 16 B-scans x 800 x 800 (CASIA2-like), model ``asoct-lens-acw``.
-- ``ct``: a head CT of 256 x 256 x 128 voxels (array (128, 256, 256)), model ``ct-lens-acw``.
+- ``ct``: a head CT of 256 x 256 x 128 voxels (array (128, 256, 256), 0.9 mm pixels, 2 mm slices), model
+  ``ct-lens-acw``.
 
 Variants, each in a fresh subprocess (so ``ru_maxrss`` is that variant's own peak):
 
@@ -57,18 +58,22 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _catalog(tmp: Path) -> Path | None:
-    """The shipped catalog if it holds both models, else a temporary one with random-weight networks."""
+def _catalogs(tmp: Path) -> dict[str, str | None]:
+    """Per model: None = the shipped catalog has it; else a temporary catalog with a random-weight network of
+    the architecture in ``training/configs`` (timing does not depend on the weights' values)."""
     from LensSegCalibLib import models
 
     try:
-        shipped = models.load_catalog()
-        if all(s["model"] in shipped for s in SCENARIOS.values()):
-            return None
+        shipped = models.load_catalog().ids()
     except models.CatalogError:
-        pass
+        shipped = []
+    out: dict[str, str | None] = {}
     entries = []
-    for name in ("asoct-lens-acw", "ct-lens-acw"):
+    for scenario in SCENARIOS.values():
+        name = scenario["model"]
+        if name in shipped:
+            out[name] = None
+            continue
         cfg = json.loads((CONFIGS / f"{name}.json").read_text())
         net = models.build_network(cfg["network"])
         sha, nbytes = models.save_weights(net, tmp / f"{name}.safetensors")
@@ -76,15 +81,19 @@ def _catalog(tmp: Path) -> Path | None:
                                             "input", "network", "loss")}
                        | {"id": name, "temperature": 1.0,
                           "weights": {"file": f"{name}.safetensors", "sha256": sha, "bytes": nbytes}})
-    path = tmp / "catalog.json"
-    path.write_text(json.dumps({"catalog_version": 1, "models": entries}))
-    return path
+        out[name] = str(tmp / "catalog.json")
+    if entries:
+        (tmp / "catalog.json").write_text(json.dumps({"catalog_version": 1, "models": entries}))
+    return out
 
 
 def _phantom(name: str, shape: tuple[int, int, int], folder: Path) -> dict:
     from LensSegCalibLib.phantom import asoct_volume, ct_head_volume
 
-    ph = asoct_volume(11, shape=shape) if name == "asoct" else ct_head_volume(11, shape=shape)
+    if name == "asoct":
+        ph = asoct_volume(11, shape=shape)  # 13 x 16 mm B-scans: 800 x 800 is the model's own grid
+    else:  # 0.9 mm pixels (230 mm field of view at 256), 2 mm slices: resampled to the model's 1.5 mm in z
+        ph = ct_head_volume(11, shape=shape, pixel_mm=0.9, slice_mm=2.0)
     np.save(folder / f"{name}_image.npy", ph.image)
     np.save(folder / f"{name}_labels.npy", ph.labels)
     return {"shape": list(ph.image.shape), "spacing_mm": list(ph.spacing)}
@@ -195,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         folder = Path(tmp)
-        catalog = _catalog(folder)
-        report["weights"] = "shipped catalog" if catalog is None else "random init (catalog architectures)"
+        catalogs = _catalogs(folder)
+        report["weights"] = {m: "shipped" if c is None else "random init (architecture of training/configs)"
+                             for m, c in catalogs.items()}
         for name in args.scenarios:
+            catalog = catalogs[SCENARIOS[name]["model"]]
             shape = SCENARIOS[name]["quick" if args.quick else "shape"]
             info = _phantom(name, shape, folder)
             entry = {"model": SCENARIOS[name]["model"], **info, "runs": {}}
