@@ -407,12 +407,15 @@ def test_cli_shows_a_traceback_only_with_debug(catalog, tmp_path, capsys) -> Non
 def test_batch_goes_on_past_bad_files_and_lists_them_in_summary(catalog, files, tmp_path, capsys) -> None:
     bad = ["truncated_nrrd", "truncated_gz", "truncated_nii", "corrupt_header", "not_an_image", "empty_file", "rgb",
            "four_d", "zero_spacing"]
-    inputs = [files["good"], *(files[k] for k in bad), tmp_path / "missing.nrrd", files["two_d"]]
+    not_dicom = tmp_path / "not_dicom"  # a folder is read as a DICOM series
+    not_dicom.mkdir()
+    (not_dicom / "notes.txt").write_text("no DICOM here")
+    inputs = [files["good"], *(files[k] for k in bad), tmp_path / "missing.nrrd", not_dicom, files["two_d"]]
     before = _hashes({k: files[k] for k in ["good", *bad, "two_d"]})
     out = tmp_path / "out"
     assert _segment(catalog, out, *inputs) == 1  # 1 = some inputs failed
     rows = {r["case"]: r for r in _summary(out)}
-    assert [r["status"] for r in _summary(out)] == ["done"] + ["failed"] * 10 + ["done"]
+    assert [r["status"] for r in _summary(out)] == ["done"] + ["failed"] * 11 + ["done"]
     expected = {
         "truncated_nrrd": "expected 23040 bytes but received",
         "truncated_gz": "is truncated",
@@ -424,6 +427,7 @@ def test_batch_goes_on_past_bad_files_and_lists_them_in_summary(catalog, files, 
         "four_d": "is a 4D image",
         "zero_spacing": "spacing",
         "missing": "Input not found",
+        "not_dicom": "No DICOM series in folder",
     }
     for case, text in expected.items():
         assert text in rows[case]["message"], (case, rows[case]["message"])
@@ -431,7 +435,7 @@ def test_batch_goes_on_past_bad_files_and_lists_them_in_summary(catalog, files, 
     assert rows["bscan2d"]["status"] == "done"  # a single 2D B-scan is a valid input for a 2D model
     assert _hashes({k: files[k] for k in ["good", *bad, "two_d"]}) == before  # inputs never modified
     assert not [n for n in os.listdir(out) if ".partial" in n]
-    assert "10 failed" in capsys.readouterr().err
+    assert "11 failed" in capsys.readouterr().err
 
 
 def test_no_overwrite_without_flag_and_overwrite_with_it(catalog, files, tmp_path, capsys) -> None:
