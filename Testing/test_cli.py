@@ -237,3 +237,16 @@ def test_cancel_in_segment_case_writes_nothing(tmp_path, catalog, data):
     with pytest.raises(Cancelled):
         segment_case(data["c"], seg, tmp_path / "out", progress=progress, cancel=event)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_outputs_never_replace_inputs_even_with_overwrite(tmp_path, catalog, data):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scan = folder / "scan.nrrd"
+    victim = folder / "scan_confidence.nrrd"  # another input, named like the first input's output
+    scan.write_bytes(data["c"].read_bytes())
+    victim.write_bytes(data["c"].read_bytes())
+    before = victim.read_bytes()
+    code = _run([str(scan), str(victim), "--model", "tiny-asoct", "--out", str(folder), "--overwrite"], catalog)
+    assert code == 2 and victim.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.nrrd", "scan_confidence.nrrd"]

@@ -219,6 +219,24 @@ def _refuse_existing(out_dir: str | os.PathLike, case: str, preview: bool) -> No
         )
 
 
+def _refuse_outputs_over_inputs(out_dir: Path, names: Sequence[str], inputs: Sequence[str], preview: bool) -> None:
+    """Refuse a batch in which an output file would be an input (``scan.nrrd`` + ``scan_confidence.nrrd`` with
+    ``--out`` = the input folder): inputs are never written, not even with ``--overwrite``."""
+    from .outputs import output_paths
+
+    given = {Path(p).resolve(): p for p in inputs}
+    for name in names:
+        for path in output_paths(out_dir, name, preview=preview).values():
+            if path.resolve() in given:
+                raise InputError(
+                    f"Output {path.name} of {name} would replace the input {given[path.resolve()]}; "
+                    "choose another --out folder."
+                )
+    summary = (out_dir / "summary.csv").resolve()
+    if summary in given:
+        raise InputError(f"{summary.name} in {out_dir} is an input; choose another --out folder.")
+
+
 def _summary_row(case: str, path: Path, status: str, message: str, seconds: float, report: dict | None,
                  json_path: Path | None) -> dict[str, Any]:
     row: dict[str, Any] = {"case": case, "input": str(path), "status": status, "message": message,
@@ -301,6 +319,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     out_dir = ensure_output_dir(args.out)
     names = _case_names(inputs)
     selected = select_shard(inputs, shard)
+    _refuse_outputs_over_inputs(out_dir, [names[k] for k in selected], inputs + refs, args.preview)
     segmenter = Segmenter.from_catalog(args.model, device=args.device, catalog=args.catalog,
                                        apply_temperature=not args.no_temperature)
     rows: list[dict[str, Any]] = []
