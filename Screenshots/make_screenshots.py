@@ -93,18 +93,27 @@ def make_screenshots(out: Path, model: str, catalog: str | None, seed: int, shap
     out.mkdir(parents=True, exist_ok=True)
     shots = []
 
-    def shot(name: str, heatmap: str, text: str) -> None:
-        logic.showHeatmap(result, heatmap, opacity=0.75 if heatmap != "none" else 0.0, threshold=0.95)
+    bounds = [0.0] * 6
+    reference.GetRASBounds(bounds)  # zoom on the lens
+    lensCenter = tuple((bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3))
+    predicted = result.segmentation.GetDisplayNode()
+
+    def shot(name: str, heatmap: str, text: str, fill: bool, zoom: float, legend: str) -> None:
+        logic.showHeatmap(result, heatmap, opacity=0.8 if heatmap != "none" else 0.0, threshold=0.95)
         composite.SetBackgroundVolumeID(volume.GetID())
+        predicted.SetVisibility2DFill(fill)  # over a heatmap, outlines only: the colours stay readable
         path = out / name
         view.save_png(path, {vtk.vtkCornerAnnotation.UpperLeft: f"{header}\n{text}",
-                             vtk.vtkCornerAnnotation.LowerLeft: "outlines: prediction (fill) and ground truth (thin)"},
-                      sliceOffset=middle)
+                             vtk.vtkCornerAnnotation.LowerLeft: legend},
+                      sliceOffset=middle, zoom=zoom, center=(lensCenter[0], lensCenter[1], middle) if zoom > 1 else None)
         shots.append(path)
 
-    shot("1_outlines.png", "none", "Segments: capsule, cortex, nucleus")
-    shot("2_confidence.png", "confidence", "Confidence (top-label probability), shown where < 0.95")
-    shot("3_boundary.png", "boundary", "Boundary calibration error vs ground truth: red over-, blue under-confident")
+    both = "prediction: fill + outline; ground truth: thin outline"
+    shot("1_outlines.png", "none", "Segments: capsule (yellow), cortex (blue), nucleus (red)", True, 1.0, both)
+    shot("2_confidence.png", "confidence", "Confidence (top-label probability), shown where < 0.95", False, 1.25,
+         "prediction and ground truth: outlines")
+    shot("3_boundary.png", "boundary", "Boundary calibration error vs ground truth (in the boundary band)",
+         False, 1.25, "red: over-confident, blue: under-confident; outlines: prediction, ground truth")
     segments = ", ".join(f"{s.name} Dice {s.dice:.2f}" for s in result.report.segments)
     print(f"segment() {seconds:.1f} s ({result.prediction.device}, {glClass}); {segments}; origin {ras}")
     return shots

@@ -524,12 +524,23 @@ class OffscreenSliceView:
         self.renderer.AddViewProp(self.corner)
 
     def save_png(self, path: str | os.PathLike, annotations: Optional[dict] = None,
-                 sliceOffset: Optional[float] = None) -> None:
-        """Fit the view to the background volume, render and write an RGB PNG of ``size`` pixels."""
+                 sliceOffset: Optional[float] = None, zoom: float = 1.0, center: Optional[tuple] = None) -> None:
+        """Fit the view to the background volume, render and write an RGB PNG of ``size`` pixels.
+
+        Args:
+            annotations: ``{vtkCornerAnnotation corner: text}``.
+            sliceOffset: slice position (mm along the view normal); None keeps the fitted one.
+            zoom: > 1 magnifies (field of view divided by ``zoom``), around ``center`` (RAS mm) when given.
+        """
         import vtk
 
         self.sliceLogic.ResizeSliceNode(*self.size)
         self.sliceLogic.FitSliceToBackground(*self.size)
+        if zoom != 1.0:
+            fov = self.sliceNode.GetFieldOfView()
+            self.sliceNode.SetFieldOfView(fov[0] / zoom, fov[1] / zoom, fov[2])
+        if center is not None:
+            self.sliceNode.JumpSliceByCentering(*center)
         if sliceOffset is not None:
             self.sliceLogic.SetSliceOffset(sliceOffset)
         self.sliceLogic.SnapSliceOffsetToIJK()

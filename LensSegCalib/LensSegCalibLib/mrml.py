@@ -419,8 +419,8 @@ def add_heatmap(array: np.ndarray, geometry: Geometry, kind: str, name: str, *, 
     """Float32 heatmap volume on ``geometry`` with display node, colour table, fixed window and threshold.
 
     Args:
-        array: ``(K, J, I)`` values in the kind's range (NaN = undefined, e.g. outside the boundary band; it is
-            stored as 0, which the threshold hides).
+        array: ``(K, J, I)`` values in the kind's range. NaN = undefined (outside the boundary band): stored as
+            0 (hidden by the threshold), except in the signed map, where it stays NaN (transparent).
         kind: a key of :data:`HEATMAP_STYLES`.
         name: node name, e.g. ``"<input> confidence"``.
         output: the run's segmentation node (bookkeeping for reruns).
@@ -429,7 +429,11 @@ def add_heatmap(array: np.ndarray, geometry: Geometry, kind: str, name: str, *, 
     if kind not in HEATMAP_STYLES:
         raise InputError(f"Unknown heatmap kind {kind!r}; use one of {sorted(HEATMAP_STYLES)}.")
     style = HEATMAP_STYLES[kind]
-    values = np.nan_to_num(np.asarray(array, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    values = np.asarray(array, dtype=np.float32)
+    if kind != "boundary_signed":
+        values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+    # The signed map keeps NaN outside its band: 0 there would read as "perfectly calibrated" (white over the
+    # whole image); NaN fails the display threshold test, so those voxels are transparent in the slice views.
     node = add_volume(values, geometry, name, existing=existing, role="heatmap", output=output, kind=kind)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
