@@ -312,3 +312,12 @@ def test_truncated_files_are_refused_never_zero_filled(image_files, tmp_path_fac
         f"{name} cut to {cut} of {len(original)} bytes was read without an error"
     got = cut_read[0] if isinstance(cut_read, tuple) else cut_read.array
     np.testing.assert_array_equal(got, whole[0] if isinstance(whole, tuple) else whole.array)
+
+
+@pytest.mark.parametrize("fn", [metrics.ece, metrics.classwise_ece], ids=lambda f: f.__name__)
+@settings(max_examples=10, deadline=None)
+@given(case=cases(max_side=4))
+def test_binned_metrics_refuse_logits_passed_as_probabilities(fn, case) -> None:
+    logits, labels = case
+    with pytest.raises(InputError, match="probabilities in \\[0, 1\\]"):
+        fn(logits * 10 + 3, labels)  # some values far outside [0, 1]: the commonest mistake

@@ -513,6 +513,29 @@ def test_full_disk_in_a_real_run_leaves_no_half_written_file(catalog, files, tmp
         read_image(out / name) if name.endswith(".nrrd") else json.loads((out / name).read_text())
 
 
+def test_a_case_that_fails_half_way_leaves_none_of_its_files_and_reruns_cleanly(catalog, files, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with _file_size_limit(12_000):  # the segmentation fits, the confidence map does not
+        assert _segment(catalog, out, files["good"]) == 1
+    assert _case_files(out) == []  # all or nothing per case
+    assert _segment(catalog, out, files["good"]) == 0  # the plain rerun the CLI suggests works
+    assert _summary(out)[0]["status"] == "done"
+
+
+def test_ctrl_c_while_writing_leaves_none_of_the_cases_files(catalog, files, tmp_path, monkeypatch) -> None:
+    from LensSegCalibLib import report as report_module
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module.CalibrationReport, "to_html", interrupted)
+    out = tmp_path / "out"
+    assert _segment(catalog, out, files["good"]) == 130
+    assert _case_files(out) == [] and not [n for n in os.listdir(out) if ".partial" in n]
+
+
+
 def test_two_runs_writing_to_one_folder_never_mix_files(catalog, files, tmp_path) -> None:
     """Two runs started at the same moment on the same input and folder (threads: the race is per file)."""
     out = tmp_path / "out"
