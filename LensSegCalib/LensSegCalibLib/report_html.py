@@ -135,8 +135,9 @@ def _segment_figure(seg: "SegmentReport") -> str:
         ax.bar(centres[ok], acc[ok], width=1.0 / max(n, 1), edgecolor="k", color="#4c78a8", alpha=0.8,
                label="accuracy")
         okc = ok & np.isfinite(conf)
-        ax.bar(centres[okc], conf[okc] - acc[okc], bottom=acc[okc], width=1.0 / max(n, 1), color="#e45756",
-               alpha=0.35, label="gap (conf - acc)")
+        # the gap as a hatched outline between accuracy and mean confidence (no colour mixing with the bars)
+        ax.bar(centres[okc], conf[okc] - acc[okc], bottom=acc[okc], width=1.0 / max(n, 1), color="none",
+               edgecolor="#d62728", hatch="//", linewidth=0.8, label="gap to mean confidence")
         ax.legend(fontsize=7, loc="upper left")
         ax.set_title(f"reliability: p({seg.name}) vs reference", fontsize=9)
     else:
