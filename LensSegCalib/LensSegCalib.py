@@ -422,8 +422,14 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("PyTorch was not installed; LensSegCalib cannot run without it."))
         import slicer.packaging
 
-        requirements = slicer.packaging.load_requirements(os.path.join(self.resourceDir, "requirements.txt"))
-        slicer.packaging.pip_ensure(requirements, requester="LensSegCalib")
+        path = os.path.join(self.resourceDir, "requirements.txt")
+        try:
+            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(path), requester="LensSegCalib")
+        except Exception as error:  # pip/network/permission failures come as many exception types
+            raise RuntimeError(_("Installing the Python packages of LensSegCalib failed ({error}). Check the network "
+                                 "connection, or install them from the Python console: "
+                                 "slicer.util.pip_install('-r {path}'), then restart Slicer.")
+                               .format(error=error, path=path)) from error
         importlib.invalidate_caches()
 
     def loadTerminology(self) -> str:
