@@ -117,3 +117,58 @@ def test_in_slicer_self_test_passes_headless_with_the_shipped_model(slicerEnv):
 
     outcome = unittest.TextTestRunner(verbosity=0).run(LensSegCalib.LensSegCalibTest("runTest"))
     assert outcome.wasSuccessful(), [str(e[1]) for e in outcome.errors + outcome.failures]
+
+
+@pytest.fixture
+def fakeInstallers(monkeypatch):
+    """PyTorch extension and slicer.packaging stand-ins that record the order of the install steps."""
+    import importlib.util
+
+    calls = []
+    realFindSpec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else realFindSpec(name, *a))
+    torchUtils = types.ModuleType("PyTorchUtils")
+
+    class PyTorchUtilsLogic:
+        result = object()
+
+        def installTorch(self, askConfirmation: bool, torchVersionRequirement: str):
+            calls.append(("torch", askConfirmation, torchVersionRequirement))
+            return PyTorchUtilsLogic.result
+
+    torchUtils.PyTorchUtilsLogic = PyTorchUtilsLogic
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torchUtils)
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.load_requirements = lambda path: [line for line in open(path).read().splitlines()
+                                                if line and not line.startswith("#")]
+    packaging.pip_ensure = lambda requirements, requester: calls.append(("pip", tuple(requirements), requester))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    return calls, PyTorchUtilsLogic, packaging
+
+
+def test_dependencies_install_torch_first_then_pinned_packages(logic, fakeInstallers):
+    calls, _, _ = fakeInstallers
+    logic.installDependencies()
+    assert [c[0] for c in calls] == ["torch", "pip"]  # torch from the PyTorch extension before monai via pip
+    assert calls[0][1] is True  # the user is asked first
+    assert "monai==1.6.1" in calls[1][1] and not any(r.startswith("torch") for r in calls[1][1])
+    assert calls[1][2] == "LensSegCalib"
+
+
+def test_dependency_install_failures_say_what_to_do(logic, fakeInstallers, monkeypatch):
+    calls, torchLogic, packaging = fakeInstallers
+    monkeypatch.setattr(torchLogic, "result", None)  # the user declined, or the install failed
+    with pytest.raises(RuntimeError, match="PyTorch was not installed"):
+        logic.installDependencies()
+    monkeypatch.setattr(torchLogic, "result", object())
+
+    def failing(requirements, requester):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(packaging, "pip_ensure", failing)
+    with pytest.raises(RuntimeError, match="network unreachable.*pip_install"):
+        logic.installDependencies()
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    with pytest.raises(RuntimeError, match="Install the PyTorch extension"):
+        logic.installDependencies()
