@@ -1,8 +1,9 @@
 """The vectorised binning kernel behind every ECE-type metric and the CalibrationAccumulator.
 
 One case ``(C, *S)`` is walked in chunks of about ``CHUNK_ELEMENTS`` probabilities. Per chunk, each probability
-is mapped to a *slot* with one fused float64 operation and a cast to a one-byte index, and all classes are
-binned with a single ``bincount`` (CPU) or ``index_add_`` (CUDA, no host sync) over ``class * K + slot``.
+is mapped to a *slot* with one fused float64 operation and a cast to an int32 index, and all classes are
+binned with a single ``bincount`` (CPU) or ``index_add_`` (CUDA, no host sync) over ``class * K + slot``
+(+ a lane offset, see ``_bin_chunks``).
 Sufficient statistics (count, sum of confidence, sum of hits) are accumulated in int64/float64, so any split
 of a case into chunks or slabs gives the same result (METHODS.md 0.4).
 
@@ -30,6 +31,9 @@ import torch
 from ..errors import InputError
 from ._utils import CHUNK_ELEMENTS, aligned_chunks
 
+#: Copies of every histogram (element i counts in copy i mod LANES), see ``_bin_chunks``.
+LANES = 8
+
 #: Upper bound on worker threads per case (CPU). The project targets 2-core machines; more cores help little
 #: once the chunk ops are memory-bound.
 MAX_WORKERS = 4
@@ -41,15 +45,10 @@ _RANGE_MESSAGE = (
 )
 
 
-def _index_dtype(n_slots: int) -> torch.dtype:
-    """Smallest index dtype for ``n_slots`` slots: uint8 (1 byte, 4x cheaper to write than int32) if it fits."""
-    return torch.uint8 if n_slots <= 256 else torch.int32
-
-
 def bincount(idx: torch.Tensor, length: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Histogram of ``idx`` (values in ``0..length-1``) on idx's device, exact length.
 
-    CPU: ``torch.bincount`` (fast for uint8). CUDA: ``index_add_`` into a preallocated buffer, which avoids the
+    CPU: ``torch.bincount``. CUDA: ``index_add_`` into a preallocated buffer, which avoids the
     device->host sync that ``torch.bincount`` does to find the maximum. Counts are int64, weighted sums
     keep the weights' dtype (callers pass float64).
     """
@@ -105,41 +104,25 @@ class SlotStats:
         return self
 
 
-def count_small(idx: torch.Tensor, length: int) -> torch.Tensor:
-    """Unweighted histogram of a 1-D uint8 index with ``length <= 128`` slots, about 2x faster on CPU.
+def _top_label(pc: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence ``max_c p`` and hit ``[argmax_c p == y]`` of a ``(C, n)`` chunk, ties -> lowest index.
 
-    Adjacent index bytes are read as one int16 (value ``a + 256 b``, both < length), binned into
-    ``256 * length`` pair slots and marginalised: half the scattered increments of a plain bincount. The byte
-    order does not matter because both marginals are summed.
+    ``torch.max/argmax(dim=0)`` on a (C, n) chunk are 5-40x slower on CPU, and broadcast comparisons or
+    ``where``/``masked_fill`` with random masks are slow too (bool outputs, branches). A running strict maximum
+    over the rows with byte arithmetic is the fastest exact form found: because the class index grows along
+    the loop, "c where strictly greater, else keep" is ``max(arg, greater * c)``.
     """
-    if idx.device.type != "cpu" or idx.dtype != torch.uint8 or length > 128 or idx.numel() < 2:
-        return bincount(idx, length)
-    n_even = idx.numel() - (idx.numel() % 2)
-    pairs = bincount(idx[:n_even].view(torch.int16), 256 * length).view(length, 256)
-    out = pairs.sum(dim=0)[:length] + pairs.sum(dim=1)
-    if n_even < idx.numel():
-        out += bincount(idx[n_even:], length)
-    return out
-
-
-def _first_argmax(pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over classes and the lowest class index reaching it (numpy/torch tie rule), as uint8 when C <= 256.
-
-    ``torch.max/argmax(dim=0)`` on a (C, n) chunk are 5-40x slower on CPU, and ``where``/``masked_fill`` with a
-    random mask are branchy; a strict ``>`` running maximum with byte arithmetic keeps the first maximum and
-    costs a few vector passes per class.
-    """
-    num_classes = pc.shape[0]
-    conf = pc[0].clone()
-    arg_dtype = torch.uint8 if num_classes <= 256 else torch.int64
-    arg = torch.zeros(pc.shape[1], dtype=arg_dtype, device=pc.device)
-    for c in range(1, num_classes):
-        greater = torch.gt(pc[c], conf)
+    rows = pc.unbind(0)
+    conf = rows[0].clone()
+    arg_dtype = torch.uint8 if len(rows) <= 256 else torch.int64
+    arg = torch.zeros(conf.shape, dtype=arg_dtype, device=pc.device)
+    for c in range(1, len(rows)):
+        greater = torch.gt(rows[c], conf)
         greater = greater.view(torch.uint8) if arg_dtype == torch.uint8 else greater.to(arg_dtype)  # free view
-        torch.maximum(conf, pc[c], out=conf)
-        # arg < c always, so "c where strictly greater, else keep" is a max with greater * c (branch-free)
+        torch.maximum(conf, rows[c], out=conf)
         torch.maximum(arg, greater * c, out=arg)
-    return conf, arg
+    hit = arg == (y if arg_dtype == torch.int64 else y.to(arg_dtype))
+    return conf, hit
 
 
 def _dump_masked(idx: torch.Tensor, keep: torch.Tensor, dump: int) -> torch.Tensor:
@@ -150,7 +133,7 @@ def _dump_masked(idx: torch.Tensor, keep: torch.Tensor, dump: int) -> torch.Tens
 
 @dataclass(frozen=True)
 class _Plan:
-    """What to bin and how (shared by the worker threads of one case)."""
+    """What to bin and how (shared, read-only, by the worker threads of one case)."""
 
     n_bins: int
     num_classes: int
@@ -158,6 +141,9 @@ class _Plan:
     classwise: bool
     scores: bool
     offsets: torch.Tensor  # (C, 1) float64: c*K + M + 1
+    top_offset: torch.Tensor  # (1,) float64: M + 1
+    lane_cw: torch.Tensor  # (C * n_max,) int32: (i mod LANES) * cw_len
+    lane_top: torch.Tensor  # (n_max,) int32: (i mod LANES) * top_len
 
     @property
     def k(self) -> int:
@@ -167,69 +153,90 @@ class _Plan:
     def cw_len(self) -> int:
         return self.num_classes * self.k + 1  # + dump slot
 
+    @property
+    def top_len(self) -> int:
+        return 2 * self.k + 1  # misses, hits, dump
+
+
+def _lanes(n: int, length: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.int32, device=device) % LANES) * length
+
 
 def _bin_chunks(plan: _Plan, chunks: list[list[torch.Tensor | None]], device: torch.device) -> dict:
-    """Accumulate the raw slot statistics of a list of chunks (runs in a worker thread)."""
-    k, cw_len, n_bins = plan.k, plan.cw_len, plan.n_bins
-    cw_dtype, top_dtype = _index_dtype(cw_len), _index_dtype(2 * k + 1)
-    f64 = torch.float64
+    """Accumulate the raw per-lane slot statistics of a list of chunks (runs in a worker thread).
+
+    Histograms are kept ``LANES`` times (element i counts in copy ``i mod LANES``): consecutive increments then
+    hit different memory cells, which removes the store-to-load dependency chains of a plain bincount on
+    smooth data (long runs of one slot: 4x faster weighted sums on a segmentation-like volume, 2x on noise).
+    """
+    k, n_bins = plan.k, plan.n_bins
+    cw_len, top_len = plan.cw_len, plan.top_len
+    f64, i32 = torch.float64, torch.int32
     acc: dict[str, torch.Tensor] = {}
     if plan.top:
-        acc["top_count"] = torch.zeros(2 * k + 1, dtype=torch.int64, device=device)
-        acc["top_conf"] = torch.zeros(k + 1, dtype=f64, device=device)
+        acc["top_count"] = torch.zeros(LANES * top_len, dtype=torch.int64, device=device)
+        acc["top_conf"] = torch.zeros(LANES * top_len, dtype=f64, device=device)
     if plan.classwise:
         for name, dt in (("cw_count", torch.int64), ("cw_prob", f64), ("cw_hit", torch.int64)):
-            acc[name] = torch.zeros(cw_len, dtype=dt, device=device)
+            acc[name] = torch.zeros(LANES * cw_len, dtype=dt, device=device)
     if plan.scores:
         acc["nll_sum"] = torch.zeros(1, dtype=f64, device=device)
         acc["brier_sum"] = torch.zeros(1, dtype=f64, device=device)
         acc["n_scored"] = torch.zeros(1, dtype=torch.int64, device=device)
-    buf64: torch.Tensor | None = None
-    buf_idx: torch.Tensor | None = None
+    # Reused per-worker buffers (the top-label part reuses them after the class-wise part): extra memory is
+    # one float64 + one int32 per probability of a chunk, plus an int32 per voxel for the hits.
+    buf64 = torch.empty(0, dtype=f64, device=device)
+    buf32 = torch.empty(0, dtype=i32, device=device)
+    hit32 = torch.empty(0, dtype=i32, device=device)
     for pc, yc, mc, cmc in chunks:
         y = yc[0].long()
         keep = None if mc is None else mc[0]
         if keep is not None:  # labels outside the mask may be anything (e.g. 255 = ignore): make them safe
             y = y * keep
+        n = pc.shape[1]
         if plan.classwise:
             n_el = pc.numel()
-            # One reused float64 buffer holds first the slots, then the weights: extra memory per worker is
-            # one float64 chunk plus one byte per probability, and no allocator churn between chunks.
-            if buf64 is None or buf64.numel() < n_el:
+            if buf64.numel() < n_el:
                 buf64 = torch.empty(n_el, dtype=f64, device=device)
-                buf_idx = torch.empty(n_el, dtype=cw_dtype, device=device)
-            work = buf64[:n_el].view(pc.shape)
-            idx = buf_idx[:n_el].view(pc.shape)
+                buf32 = torch.empty(n_el, dtype=i32, device=device)
+                hit32 = torch.empty(n, dtype=i32, device=device)
+            work, idx = buf64[:n_el].view(pc.shape), buf32[:n_el].view(pc.shape)
             # float64 promotion inside add: exact for float32/float16/bfloat16 inputs (no rounding at edges)
             torch.add(plan.offsets, pc, alpha=-n_bins, out=work)
             if device.type != "cpu":  # index_add_ must never see an out-of-range index (device assert)
                 work.clamp_(0, cw_len - 2)
             idx.copy_(work)  # truncation = floor for the non-negative slots
-            work.copy_(pc)  # now the float64 weights
             if keep is not None:
                 idx = _dump_masked(idx, keep.unsqueeze(0), cw_len - 1)
             if cmc is not None:
                 idx = _dump_masked(idx, cmc, cw_len - 1)
-            flat = idx.view(-1)
-            acc["cw_count"] += count_small(flat, cw_len)
-            acc["cw_hit"] += bincount(idx.gather(0, y.unsqueeze(0)).view(-1), cw_len)
-            acc["cw_prob"] += bincount(flat, cw_len, work.view(-1))  # float64 sums
-            del idx, flat, work
+            hits = torch.gather(idx, 0, y.unsqueeze(0), out=hit32[:n].view(1, n)).view(-1)
+            hits += plan.lane_cw[:n]
+            flat = idx.reshape(-1)
+            flat += plan.lane_cw[:n_el]
+            work.copy_(pc)  # now the float64 weights
+            acc["cw_count"] += bincount(flat, LANES * cw_len)
+            acc["cw_prob"] += bincount(flat, LANES * cw_len, work.view(-1))
+            acc["cw_hit"] += bincount(hits, LANES * cw_len)
+            del work, idx, flat, hits
         if plan.top:
-            conf, arg = _first_argmax(pc)
-            confd = conf.to(f64)
-            slot = torch.add(float(n_bins + 1), confd, alpha=-n_bins)
+            if buf64.numel() < n:
+                buf64 = torch.empty(n, dtype=f64, device=device)
+                buf32 = torch.empty(n, dtype=i32, device=device)
+            t64, tidx = buf64[:n], buf32[:n]
+            conf, hit = _top_label(pc, y)
+            torch.add(plan.top_offset, conf, alpha=-n_bins, out=t64)  # float64 promotion: exact slot
             if device.type != "cpu":  # conf is in [1/C, 1]: only invalid input leaves 0..M+1 (CPU: caught later)
-                slot.clamp_(0, n_bins + 1)
-            slot = slot.to(top_dtype)
-            hit = arg == (y if arg.dtype == torch.int64 else y.to(arg.dtype))
-            hit = hit.view(torch.uint8) if top_dtype == torch.uint8 else hit.to(top_dtype)
-            tidx = slot + hit * k
+                t64.clamp_(0, n_bins + 1)
+            tidx.copy_(t64)
+            tidx.add_(hit.view(torch.uint8), alpha=k)  # hits in the second half of the slots
             if keep is not None:
-                slot = _dump_masked(slot, keep, k)
-                tidx = _dump_masked(tidx, keep, 2 * k)
-            acc["top_count"] += count_small(tidx, 2 * k + 1)
-            acc["top_conf"] += bincount(slot, k + 1, confd)
+                tidx = _dump_masked(tidx, keep, top_len - 1)
+            tidx += plan.lane_top[:n]
+            t64.copy_(conf)  # now the float64 weights
+            acc["top_count"] += bincount(tidx, LANES * top_len)
+            acc["top_conf"] += bincount(tidx, LANES * top_len, t64)
+            del t64, tidx
         if plan.scores:
             pd = pc.to(f64)
             py = pd.gather(0, y.unsqueeze(0))[0]
@@ -256,11 +263,13 @@ _POOL: ThreadPoolExecutor | None = None
 
 @contextmanager
 def _single_threaded_ops() -> Iterator[None]:
-    """Run torch CPU ops single-threaded while our worker threads split the chunks.
+    """Run torch CPU ops single-threaded while we bin (our worker threads, if any, split the chunks).
 
     Why: each chunk op is small (~10^5 elements); with torch's intra-op pool every op synchronises threads,
-    and on a loaded machine (CI, training next door) that costs up to 15x. Coarse-grained workers (one per
-    core, each op serial) scale instead. The previous setting is restored when the last user leaves.
+    and on a loaded machine (CI, training next door) that costs up to 15x (one 2M-element ``aminmax`` took
+    20 ms instead of 0.5 ms at load 9 on 2 cores). Coarse-grained workers (one per idle core, each op serial)
+    scale instead. Re-entrant; the previous setting is restored when the last user leaves. Other threads of
+    the process run their torch CPU ops single-threaded meanwhile (results unchanged).
     """
     global _THREAD_USERS, _SAVED_THREADS
     with _THREAD_LOCK:
@@ -277,12 +286,37 @@ def _single_threaded_ops() -> Iterator[None]:
                 torch.set_num_threads(_SAVED_THREADS)
 
 
+@contextmanager
+def serial_cpu_ops(device: torch.device) -> Iterator[None]:
+    """``_single_threaded_ops`` for CPU tensors, nothing for other devices (public entry points use it)."""
+    if device.type == "cpu":
+        with _single_threaded_ops():
+            yield
+    else:
+        yield
+
+
+def _idle_cores() -> float:
+    """Cores not busy right now (CPU count minus the 1-minute load average, which includes this process)."""
+    try:
+        return (os.cpu_count() or 1) - os.getloadavg()[0] + 1.0
+    except OSError:  # getloadavg unavailable (some containers): assume idle
+        return float(os.cpu_count() or 1)
+
+
 def _n_workers(device: torch.device, n_chunks: int) -> int:
+    """Worker threads for one case: one per idle core the torch thread budget allows, else 1.
+
+    On a loaded machine (CI workers, training next door) extra Python threads only add GIL hand-offs that each
+    wait for the scheduler (measured: 2 workers 1.8x slower than 1 at load 9 on 2 cores), so they are used only
+    when cores are idle.
+    """
     if device.type != "cpu" or n_chunks < 4:
         return 1
     with _THREAD_LOCK:
         budget = _SAVED_THREADS if _THREAD_USERS > 0 else torch.get_num_threads()
-    return max(1, min(budget, os.cpu_count() or 1, MAX_WORKERS, n_chunks // 2))
+    workers = min(budget, os.cpu_count() or 1, MAX_WORKERS, n_chunks // 2, int(_idle_cores() + 0.5))
+    return max(1, workers)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -321,41 +355,60 @@ def case_slot_stats(
         up to ``torch.get_num_threads()`` worker threads (interleaved, merged in a fixed order, so the result
         is deterministic).
     """
+    with serial_cpu_ops(probs.device):
+        return _case_slot_stats(probs, labels, n_bins, mask, class_mask, top=top, classwise=classwise, scores=scores)
+
+
+def _case_slot_stats(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    n_bins: int,
+    mask: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    *,
+    top: bool,
+    classwise: bool,
+    scores: bool,
+) -> SlotStats:
     num_classes = int(probs.shape[0])
     dev = probs.device
-    plan = _Plan(
-        n_bins=n_bins, num_classes=num_classes, top=top, classwise=classwise, scores=scores,
-        offsets=(torch.arange(num_classes, dtype=torch.float64, device=dev) * (n_bins + 2) + (n_bins + 1)).view(
-            -1, 1
-        ),
-    )
     total = int(np.prod(probs.shape[1:], dtype=np.int64))
-    # Chunk: at most CHUNK_ELEMENTS probabilities, and at most 1/32 of the case (memory bound for small cases).
-    n_voxels = max(1024, min(CHUNK_ELEMENTS // max(num_classes, 1), -(-total // 32)))
+    # Chunk: at most CHUNK_ELEMENTS probabilities and at most 1/128 of the case, so that the per-worker buffers
+    # (12 bytes per chunk element) plus allocator slack stay well below 25 % of a float32 probability tensor.
+    n_voxels = max(1024, min(CHUNK_ELEMENTS // max(num_classes, 1), -(-total // 128)))
     chunks = list(
         aligned_chunks([probs, labels.unsqueeze(0), None if mask is None else mask.unsqueeze(0), class_mask], n_voxels)
+    )
+    n_max = max((c[0].shape[1] for c in chunks), default=0)  # slabs of a non-contiguous input can be longer
+    k = n_bins + 2
+    plan = _Plan(
+        n_bins=n_bins, num_classes=num_classes, top=top, classwise=classwise, scores=scores,
+        offsets=(torch.arange(num_classes, dtype=torch.float64, device=dev) * k + (n_bins + 1)).view(-1, 1),
+        top_offset=torch.full((1,), float(n_bins + 1), dtype=torch.float64, device=dev),
+        lane_cw=_lanes(num_classes * n_max if classwise else 0, num_classes * k + 1, dev),
+        lane_top=_lanes(n_max, 2 * k + 1, dev),
     )
     workers = _n_workers(dev, len(chunks))
     if workers == 1:
         parts = [_bin_chunks(plan, chunks, dev)]
     else:
-        with _single_threaded_ops():
-            futures = [_pool().submit(_bin_chunks, plan, chunks[w::workers], dev) for w in range(workers)]
-            parts = [f.result() for f in futures]
+        futures = [_pool().submit(_bin_chunks, plan, chunks[w::workers], dev) for w in range(workers)]
+        parts = [f.result() for f in futures]
     acc = parts[0]
     for part in parts[1:]:
         for name in acc:
             acc[name] += part[name]
-    k = plan.k
     out = SlotStats(n_bins=n_bins, num_classes=num_classes)
     if top:
-        out.top_count = acc["top_count"][:k] + acc["top_count"][k : 2 * k]
-        out.top_hit = acc["top_count"][k : 2 * k].clone()
-        out.top_conf = acc["top_conf"][:k]
+        count = acc["top_count"].view(LANES, -1).sum(0)
+        conf = acc["top_conf"].view(LANES, -1).sum(0)
+        out.top_count = count[:k] + count[k : 2 * k]
+        out.top_hit = count[k : 2 * k].clone()
+        out.top_conf = conf[:k] + conf[k : 2 * k]
     if classwise:
-        out.cw_count = acc["cw_count"][:-1].view(num_classes, k)
-        out.cw_prob = acc["cw_prob"][:-1].view(num_classes, k)
-        out.cw_hit = acc["cw_hit"][:-1].view(num_classes, k)
+        out.cw_count = acc["cw_count"].view(LANES, -1).sum(0)[:-1].view(num_classes, k)
+        out.cw_prob = acc["cw_prob"].view(LANES, -1).sum(0)[:-1].view(num_classes, k)
+        out.cw_hit = acc["cw_hit"].view(LANES, -1).sum(0)[:-1].view(num_classes, k)
     if scores:
         out.nll_sum, out.brier_sum, out.n_scored = acc["nll_sum"], acc["brier_sum"], acc["n_scored"]
     return out

@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError
-from ._binning import case_slot_stats, check_prob_range
+from ._binning import case_slot_stats, check_prob_range, serial_cpu_ops
 from ._utils import Reduction, as_tensor, check_n_bins, check_probs_labels, check_reduction, check_spacing, nanmean
 from .calibration import _classwise, _top
 
@@ -216,6 +216,18 @@ def boundary_calibration(
         BoundaryCalibration.
     """
     n_bins = check_n_bins(n_bins)
+    with serial_cpu_ops(as_tensor(probs, "probs").device):
+        return _boundary_calibration(probs, labels, spacing, band_mm, n_bins, classwise)
+
+
+def _boundary_calibration(
+    probs: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    spacing: Sequence[float] | None,
+    band_mm: float | None,
+    n_bins: int,
+    classwise: bool,
+) -> BoundaryCalibration:
     p, y, _ = check_probs_labels(probs, labels)
     num_classes = int(p.shape[1])
     sp = check_spacing(spacing, p.ndim - 2)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._binning import SlotStats, bincount, case_slot_stats, check_prob_range, fold_slots
+from ._binning import SlotStats, bincount, case_slot_stats, check_prob_range, fold_slots, serial_cpu_ops
 from ._utils import (
     CHUNK_ELEMENTS,
     Reduction,
     aligned_chunks,
+    as_tensor,
     check_n_bins,
     check_probs_labels,
     check_reduction,
@@ -135,14 +136,15 @@ def _per_case_stats(
     scores: bool = False,
 ) -> list[SlotStats]:
     n_bins = check_n_bins(n_bins)
-    p, y, m = check_probs_labels(probs, labels, mask)
-    out = []
-    for b in range(p.shape[0]):
-        st = case_slot_stats(
-            p[b], y[b], n_bins, None if m is None else m[b], top=top, classwise=classwise, scores=scores
-        )
-        check_prob_range(st, class_mask_used=False)
-        out.append(st)
+    with serial_cpu_ops(as_tensor(probs, "probs").device):
+        p, y, m = check_probs_labels(probs, labels, mask)
+        out = []
+        for b in range(p.shape[0]):
+            st = case_slot_stats(
+                p[b], y[b], n_bins, None if m is None else m[b], top=top, classwise=classwise, scores=scores
+            )
+            check_prob_range(st, class_mask_used=False)
+            out.append(st)
     return out
 
 
@@ -315,6 +317,14 @@ def pece(
         float >= 0, not bounded by 1 (or ``(B,)``).
     """
     n_bins = check_n_bins(n_bins)
+    with serial_cpu_ops(as_tensor(probs, "probs").device):
+        per_case = _pece_cases(probs, labels, n_bins, float(fp_weight))
+    return _reduce(np.array(per_case), reduction)
+
+
+def _pece_cases(
+    probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n_bins: int, fp_weight: float
+) -> list[float]:
     p, y, _ = check_probs_labels(probs, labels)
     k = n_bins + 2
     per_case = []
@@ -345,7 +355,7 @@ def pece(
         f = torch.where(c_bg > 0, s_bg / c_bg.clamp(min=1), torch.zeros_like(s_bg))
         terms = torch.where(n_bin > 0, n_bin * (a - bfrac + fp_weight * f).abs(), torch.zeros_like(a))
         per_case.append(float(terms.sum().item()) / n_total if n_total > 0 else float("nan"))
-    return _reduce(np.array(per_case), reduction)
+    return per_case
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -396,6 +406,15 @@ class CalibrationAccumulator:
         Raises:
             InputError: invalid inputs, or a class count different from earlier updates.
         """
+        with serial_cpu_ops(as_tensor(probs, "probs").device):
+            self._update(probs, labels, mask)
+
+    def _update(
+        self,
+        probs: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor | None,
+    ) -> None:
         p, y, m = check_probs_labels(probs, labels, mask)
         if self._stats is not None and self._stats.num_classes != p.shape[1]:
             raise InputError(
