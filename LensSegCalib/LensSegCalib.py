@@ -33,7 +33,7 @@ DEFAULT_MODEL = "asoct-lens-acw"
 REQUIRED_IMPORTS = ("torch", "monai", "scipy", "safetensors", "nrrd", "slicerio", "matplotlib", "jsonschema")
 SAMPLE_NAMES = {"asoct": "LensSegCalib AS-OCT phantom", "ct": "LensSegCalib CT head phantom"}
 #: Small sample shapes (Z, Y, X): quick to generate and to segment on a laptop CPU.
-SAMPLE_SHAPES = {"asoct": (16, 384, 384), "ct": (48, 160, 160)}
+SAMPLE_SHAPES = {"asoct": (8, 384, 384), "ct": (48, 160, 160)}
 
 
 class LensSegCalib(ScriptedLoadableModule):
