@@ -389,6 +389,15 @@ class LensSegCalibLogic(ScriptedLoadableModuleLogic):
         except LensSegCalibError as error:
             logging.error(str(error))
             return []
+        except ImportError:  # first start: jsonschema not installed yet; list the entries without validating
+            import json
+            import types
+
+            path = self.catalogPath or os.path.join(self.resourceDir, "Models", "catalog.json")
+            with open(path, encoding="utf-8") as stream:
+                entries = json.load(stream).get("models", [])
+            return [types.SimpleNamespace(id=e["id"], title=e.get("title", e["id"]), modality=e.get("modality", ""),
+                                          description=e.get("description", "")) for e in entries]
 
     @staticmethod
     def gpuDescription() -> str:

@@ -172,3 +172,17 @@ def test_dependency_install_failures_say_what_to_do(logic, fakeInstallers, monke
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
     with pytest.raises(RuntimeError, match="Install the PyTorch extension"):
         logic.installDependencies()
+
+
+def test_model_list_works_before_the_dependencies_are_installed(logic, monkeypatch):
+    """The GUI lists the models at set-up, maybe before jsonschema & co. are installed (first start)."""
+    import LensSegCalibLib.models
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'jsonschema'")
+
+    monkeypatch.setattr(LensSegCalibLib.models, "load_catalog", missing)
+    from lsc_testdata import TINY_MODEL
+
+    models = logic.models()
+    assert [(m.id, m.modality) for m in models] == [(TINY_MODEL, "AS-OCT")]
