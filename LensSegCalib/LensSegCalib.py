@@ -115,6 +115,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.progressBar.visible = False  # shown while a run is going
         self.logic = LensSegCalibLogic()
         for spec in self.logic.models():
             self.ui.modelSelector.addItem(f"{spec.title} ({spec.modality})", spec.id)
