@@ -172,6 +172,15 @@ def test_exact_quantile_is_bit_identical_to_torch_quantile(n, q):
         assert torch.equal(exact_quantile(x, q), torch.quantile(x, q))
 
 
+def test_exact_quantile_is_exact_when_the_sample_bracket_misses():
+    # the strided sample sees only zeros, so its bracket cannot contain the median: full-selection fallback
+    n = 2**17
+    x = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    x[:: n // 16384] = 0.0
+    for q in (0.05, 0.5, 0.93):
+        assert torch.equal(exact_quantile(x, q), torch.quantile(x, q))
+
+
 def test_exact_quantile_above_torch_limit_matches_float64_reference():
     n = 2**24 + 1
     x = torch.rand(n, generator=torch.Generator().manual_seed(3))

@@ -26,18 +26,31 @@ _log = logging.getLogger(__name__)
 _TORCH_QUANTILE_LIMIT = 2**24  # torch.quantile raises above this many elements (METHODS.md 1.4)
 
 
+def _kth_and_next(values: torch.Tensor, k: int, pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``-th smallest (1-based) of a 1-D tensor and, if ``pair``, the ``(k+1)``-th (``k < numel``).
+
+    The second one needs no second selection: it is the first one again when at least ``k + 1`` elements are
+    ``<=`` it (ties), else the smallest element above it (one comparison pass, no host sync).
+    """
+    v1 = values.kthvalue(k).values
+    if not pair:
+        return v1, v1
+    above = torch.where(values > v1, values, torch.full_like(v1, float("inf"))).amin()
+    return v1, torch.where((values <= v1).sum() > k, v1, above)
+
+
 def _order_statistics(flat: torch.Tensor, k: int, pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k``-th and (``pair``) ``(k+1)``-th smallest elements of a 1-D tensor (1-based, exact).
 
     On large CPU inputs a strided sample brackets the wanted ranks (Floyd–Rivest): one counting pass, one
-    masked selection, then ``kthvalue`` on the ~5 % of elements inside the bracket; the full selection is
+    masked selection, then the selection on the ~5 % of elements inside the bracket; the full selection is
     the fallback whenever the bracket misses (the result is exact either way, only the time differs). On
     CUDA ``kthvalue`` (radix select) is used directly: no host synchronisation.
     """
     n = flat.numel()
-    k2 = k + 1 if pair and k < n else k
+    pair = pair and k < n
     if flat.device.type == "cpu" and n >= 1 << 16:
-        sample = flat[:: max(1, n // 8192)]
+        sample = flat[:: max(1, n // 16384)]
         ns = sample.numel()
         centre = (k - 0.5) / n * ns
         margin = 3.0 * math.sqrt(ns)  # ~3 standard deviations of a sample rank
@@ -45,15 +58,9 @@ def _order_statistics(flat: torch.Tensor, k: int, pair: bool) -> tuple[torch.Ten
         hi_v = sample.kthvalue(min(ns, int(centre + margin) + 1)).values
         n_below = int((flat < lo_v).sum())
         inside = torch.masked_select(flat, (flat >= lo_v) & (flat <= hi_v))
-        if n_below < k and n_below + inside.numel() >= k2:
-            v1 = inside.kthvalue(k - n_below).values
-            return v1, (inside.kthvalue(k2 - n_below).values if k2 != k else v1)
-    v1 = flat.kthvalue(k).values
-    if k2 == k:
-        return v1, v1
-    # (k+1)-th smallest: v1 again if at least k+1 elements are <= v1 (ties), else the smallest element above.
-    above = torch.where(flat > v1, flat, torch.full_like(v1, float("inf"))).amin()
-    return v1, torch.where((flat <= v1).sum() > k, v1, above)
+        if n_below < k and n_below + inside.numel() >= k + int(pair):
+            return _kth_and_next(inside, k - n_below, pair)
+    return _kth_and_next(flat, k, pair)
 
 
 def exact_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
