@@ -29,7 +29,16 @@ import torch
 
 from LensSegCalibLib import Cancelled, CatalogError, ChecksumError, InputError, ModelError, OutputError, cli
 from LensSegCalibLib.inference import Segmenter
-from LensSegCalibLib.io import Geometry, atomic_path, read_image, sha256_array, sha256_file, write_segmentation, write_volume
+from LensSegCalibLib.io import (
+    Geometry,
+    atomic_path,
+    read_image,
+    read_segmentation,
+    sha256_array,
+    sha256_file,
+    write_segmentation,
+    write_volume,
+)
 from LensSegCalibLib.models import build_network, save_weights
 
 PACKAGE = Path(__file__).resolve().parents[1] / "LensSegCalib" / "LensSegCalibLib"
@@ -568,6 +577,30 @@ def test_atomic_path_lets_only_the_first_of_two_racing_writers_win(tmp_path) -> 
                 fast_tmp.write_text("run B")
     assert target.read_text() == "run B"  # A's late result did not replace B's
     assert [p.name for p in tmp_path.iterdir()] == ["case_report.json"]  # and A's temporary is gone
+
+
+@pytest.mark.parametrize("model", ["tiny2d", "tiny3d"])
+def test_oblique_file_gives_outputs_on_its_exact_geometry(catalog, tmp_path, model) -> None:
+    a = np.deg2rad(30)
+    rot = np.array([[np.cos(a), 0, -np.sin(a)], [0, -1, 0], [np.sin(a), 0, np.cos(a)]])  # rotated + reflected
+    spacing = SPACING if model == "tiny2d" else (1.0, 1.2, 0.9)
+    geometry = Geometry(spacing, (-12.5, 40.0, 7.25), tuple(rot.ravel()))
+    vol = _volume(shape=(3, 40, 48) if model == "tiny2d" else (12, 18, 20))
+    src = write_volume(tmp_path / "oblique.nrrd", vol, geometry)
+    before = sha256_file(src)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(src), "--model", model, "--catalog", str(catalog), "--out", str(out),
+                     "--device", "cpu", "--quiet"]) == 0
+    for name in ("oblique_confidence.nrrd", "oblique_boundary.nrrd"):
+        image = read_image(out / name)
+        assert image.array.shape == vol.shape
+        np.testing.assert_allclose(image.geometry.spacing, spacing, rtol=1e-6)
+        np.testing.assert_allclose(image.geometry.origin, geometry.origin, atol=1e-6)
+        np.testing.assert_allclose(image.geometry.direction, geometry.direction, atol=1e-6)
+    labels, seg_geometry, _ = read_segmentation(out / "oblique.seg.nrrd")
+    assert labels.shape == vol.shape
+    np.testing.assert_allclose(seg_geometry.ijk_to_lps(), geometry.ijk_to_lps(), atol=1e-6)
+    assert sha256_file(src) == before
 
 
 # ----------------------------------------------------------------------------------------- references
