@@ -159,6 +159,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     renamed = [dict(c) for c in CLASSES]
     renamed[1].update(key="lesion", name="Lesion")
     out["ref_names"] = write_segmentation(d / "ref_names.seg.nrrd", labels, geo, renamed)
+    out["ref_values"] = write_volume(d / "ref_values.nrrd", labels * 7, geo)  # plain label map, values 0/7/14
     return out
 
 
@@ -615,6 +616,7 @@ def test_reference_on_the_same_grid_adds_measured_numbers(catalog, files, tmp_pa
 @pytest.mark.parametrize("ref, message", [
     ("ref_grid", "lies on another grid"),
     ("ref_names", "has segments the model does not know: Lesion"),
+    ("ref_values", "holds label values 0..14 but model 'tiny2d' has 4 classes"),
     ("not_an_image", "Cannot read"),
 ])
 def test_bad_reference_fails_that_case_with_the_fix(catalog, files, tmp_path, ref, message) -> None:
