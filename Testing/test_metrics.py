@@ -383,6 +383,11 @@ def test_invalid_inputs_raise_input_error_with_the_fix():
         ece(torch.log(probs) * 3, labels)  # logits, not probabilities
     with pytest.raises(InputError, match="softmax"):
         classwise_ece(probs * 2.0, labels)
+    slightly_off = probs.clone()
+    slightly_off[0, 0, 3, 3] = 1.2  # one voxel, any position: still caught
+    for fn in (ece, classwise_ece):
+        with pytest.raises(InputError, match="softmax"):
+            fn(slightly_off, labels)
     with_nan = probs.clone()
     with_nan[0, :, 2, 3] = float("nan")
     with pytest.raises(InputError, match="NaN"):
@@ -619,3 +624,12 @@ def test_surface_and_overlap_parity_with_monai(shape, spacing):
                                atol=1e-5)
     np.testing.assert_allclose(iou(pred, ref, num_classes, reduction="none"), compute_iou(pt, rt, **kw).numpy(),
                                atol=1e-5)
+
+
+def test_top_label_parity_with_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.classification", reason="torchmetrics is a bench extra")
+    rng = np.random.default_rng(21)
+    probs = torch.softmax(torch.from_numpy(rng.standard_normal((1, 4, 18, 20, 22)) * 2).float(), dim=1)
+    labels = torch.from_numpy(rng.integers(0, 4, (1, 18, 20, 22)))
+    expected = float(tm.multiclass_calibration_error(probs, labels, 4, n_bins=15, norm="l1"))
+    assert ece(probs, labels) == pytest.approx(expected, abs=1e-5)

@@ -92,11 +92,12 @@ class SlotStats:
     nll_sum: torch.Tensor | None = None
     brier_sum: torch.Tensor | None = None
     n_scored: torch.Tensor | None = None
+    n_kept: torch.Tensor | None = None  # voxels inside the mask (int64 scalar tensor)
 
     def merge_(self, other: SlotStats) -> SlotStats:
         """Add ``other``'s statistics into self (in place on this accumulator object, never on inputs)."""
         for name in ("top_count", "top_conf", "top_hit", "cw_count", "cw_prob", "cw_hit",
-                     "nll_sum", "brier_sum", "n_scored"):
+                     "nll_sum", "brier_sum", "n_scored", "n_kept"):
             a, b = getattr(self, name), getattr(other, name)
             if b is None:
                 continue
@@ -179,6 +180,7 @@ def _bin_chunks(plan: _Plan, chunks: list[list[torch.Tensor | None]], device: to
     if plan.classwise:
         for name, dt in (("cw_count", torch.int64), ("cw_prob", f64), ("cw_hit", torch.int64)):
             acc[name] = torch.zeros(LANES * cw_len, dtype=dt, device=device)
+    acc["n_kept"] = torch.zeros((), dtype=torch.int64, device=device)
     if plan.scores:
         acc["nll_sum"] = torch.zeros(1, dtype=f64, device=device)
         acc["brier_sum"] = torch.zeros(1, dtype=f64, device=device)
@@ -194,6 +196,7 @@ def _bin_chunks(plan: _Plan, chunks: list[list[torch.Tensor | None]], device: to
         if keep is not None:  # labels outside the mask may be anything (e.g. 255 = ignore): make them safe
             y = y * keep
         n = pc.shape[1]
+        acc["n_kept"] += n if keep is None else keep.sum()
         if plan.classwise:
             n_el = pc.numel()
             if buf64.numel() < n_el:
@@ -398,7 +401,7 @@ def _case_slot_stats(
     for part in parts[1:]:
         for name in acc:
             acc[name] += part[name]
-    out = SlotStats(n_bins=n_bins, num_classes=num_classes)
+    out = SlotStats(n_bins=n_bins, num_classes=num_classes, n_kept=acc["n_kept"])
     if top:
         count = acc["top_count"].view(LANES, -1).sum(0)
         conf = acc["top_conf"].view(LANES, -1).sum(0)
@@ -425,17 +428,20 @@ def fold_slots(stats: torch.Tensor, n_bins: int) -> torch.Tensor:
 def check_prob_range(stats: SlotStats, class_mask_used: bool) -> None:
     """Raise InputError when the statistics show probabilities outside [0, 1] or non-finite values.
 
-    Every class of a voxel lands in its own class block unless ``p`` is outside [0, 1 + 1/M), so equal
-    per-class counts (without per-class masks) and finite sums certify the input range for free.
+    A valid probability always lands in its own class block, so the checks are free: every class (without
+    per-class masks) and the top label count exactly the voxels kept; the top-label confidence is >= 1/C, so
+    its p = 0 slot stays empty; all sums are finite.
     """
-    bad = False
-    if stats.top_conf is not None and not bool(torch.isfinite(stats.top_conf).all()):
-        bad = True
+    checks = []
+    if stats.top_conf is not None:
+        checks += [
+            torch.isfinite(stats.top_conf).all(),
+            stats.top_count.sum() == stats.n_kept,
+            stats.top_count[stats.n_bins + 1] == 0,
+        ]
     if stats.cw_prob is not None:
-        if not bool(torch.isfinite(stats.cw_prob).all()):
-            bad = True
-        elif not class_mask_used:
-            per_class = stats.cw_count.sum(dim=1)
-            bad = bad or bool((per_class != per_class[0]).any())
-    if bad:
+        checks.append(torch.isfinite(stats.cw_prob).all())
+        if not class_mask_used:
+            checks.append((stats.cw_count.sum(dim=1) == stats.n_kept).all())
+    if checks and not bool(torch.stack(checks).all()):  # one device->host sync
         raise InputError(_RANGE_MESSAGE)
