@@ -411,6 +411,16 @@ def test_invalid_inputs_raise_input_error_with_the_fix():
     assert ece(probs, ignored, mask=keep) == pytest.approx(ece(probs, labels, mask=keep), abs=1e-12)
 
 
+def test_probabilities_that_require_grad_are_accepted():
+    logits, labels = _case("B")
+    probs = torch.softmax(logits.requires_grad_(), dim=1)  # e.g. validation inside a training step
+    assert ece(probs, labels) == pytest.approx(0.220280, abs=TOL)
+    assert bece(probs, labels, (0.8, 0.5), 0.6) == pytest.approx(0.212550, abs=TOL)
+    acc = CalibrationAccumulator()
+    acc.update(probs, labels)
+    assert acc.compute().classwise_ece == pytest.approx(0.192049, abs=TOL)
+
+
 def test_results_and_probabilities_stay_on_the_input_device_cpu():
     probs, labels = _probs("A")
     acc = CalibrationAccumulator()

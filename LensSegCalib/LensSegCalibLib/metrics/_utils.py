@@ -61,8 +61,8 @@ def check_probs_labels(
         InputError: wrong dimensionality, mismatching shapes, non-float probabilities, non-integer labels,
             labels outside ``0..C-1`` (where ``mask`` is True).
     """
-    p = as_tensor(probs, "probs")
-    y = as_tensor(labels, "labels")
+    p = as_tensor(probs, "probs").detach()  # metrics are not differentiable; out= ops refuse autograd inputs
+    y = as_tensor(labels, "labels").detach()
     if p.ndim < 3:
         raise InputError(
             f"probs must have shape (B, C, *S) with 1 to 3 spatial axes; got shape {tuple(p.shape)}. "
