@@ -385,7 +385,7 @@ def test_invalid_inputs_raise_input_error_with_the_fix():
         classwise_ece(probs * 2.0, labels)
     slightly_off = probs.clone()
     slightly_off[0, 0, 3, 3] = 1.2  # one voxel, any position: still caught
-    for fn in (ece, classwise_ece):
+    for fn in (ece, classwise_ece, nll, brier):
         with pytest.raises(InputError, match="softmax"):
             fn(slightly_off, labels)
     with_nan = probs.clone()

@@ -39,7 +39,7 @@ LANES = 8
 MAX_WORKERS = 4
 
 
-_RANGE_MESSAGE = (
+RANGE_MESSAGE = (
     "probs must be probabilities in [0, 1] (softmax over the class axis) without NaN/inf; found values outside "
     "that range. Apply torch.softmax(logits, dim=1) before computing calibration metrics."
 )
@@ -56,9 +56,9 @@ def bincount(idx: torch.Tensor, length: int, weights: torch.Tensor | None = None
         try:
             out = torch.bincount(idx, weights=weights, minlength=length)
         except RuntimeError as err:  # negative slot: a probability far above 1
-            raise InputError(_RANGE_MESSAGE) from err
+            raise InputError(RANGE_MESSAGE) from err
         if out.numel() != length:  # only reachable when probabilities were far outside [0, 1]
-            raise InputError(_RANGE_MESSAGE)
+            raise InputError(RANGE_MESSAGE)
         return out
     if weights is None:
         out = torch.zeros(length, dtype=torch.int64, device=idx.device)
@@ -444,4 +444,4 @@ def check_prob_range(stats: SlotStats, class_mask_used: bool) -> None:
         if not class_mask_used:
             checks.append((stats.cw_count.sum(dim=1) == stats.n_kept).all())
     if checks and not bool(torch.stack(checks).all()):  # one device->host sync
-        raise InputError(_RANGE_MESSAGE)
+        raise InputError(RANGE_MESSAGE)

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._binning import SlotStats, bincount, case_slot_stats, check_prob_range, fold_slots, serial_cpu_ops
+from ._binning import (
+    RANGE_MESSAGE,
+    SlotStats,
+    bincount,
+    case_slot_stats,
+    check_prob_range,
+    fold_slots,
+    serial_cpu_ops,
+)
 from ._utils import (
     CHUNK_ELEMENTS,
     Reduction,
@@ -144,6 +152,10 @@ def _per_case_stats(
                 p[b], y[b], n_bins, None if m is None else m[b], top=top, classwise=classwise, scores=scores
             )
             check_prob_range(st, class_mask_used=False)
+            if not (top or classwise):  # NLL/Brier alone: no bins certify the range, check it directly
+                lo, hi = torch.aminmax(p[b])
+                if not (float(lo) >= -1e-6 and float(hi) <= 1.0 + 1e-6):  # NaN fails both
+                    raise InputError(RANGE_MESSAGE)
             out.append(st)
     return out
 
