@@ -183,7 +183,8 @@ def test_argmax_ties_go_to_the_lowest_class_index():
 
 
 @pytest.mark.parametrize(
-    "name, w2, w0", [("A", 0.336338, 0.170458), ("B", 0.989332, 0.197745), ("C", 0.774894, 0.150020), ("E", 0.495713, None)]
+    "name, w2, w0",
+    [("A", 0.336338, 0.170458), ("B", 0.989332, 0.197745), ("C", 0.774894, 0.150020), ("E", 0.495713, None)],
 )
 def test_pece_matches_official_values(name, w2, w0):
     probs, labels = _probs(name)
