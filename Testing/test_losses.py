@@ -347,6 +347,13 @@ def test_sam_targets_equal_the_official_morphology_on_random_label_maps():
     labels[0, 0] = 3  # a one-voxel island in a corner
     ours = sam_targets(torch.from_numpy(labels)[None].long(), 4)[0].double().numpy()
     np.testing.assert_allclose(ours, _sam_reference(labels, 4), atol=1e-6)
+    # the cat-based reflect padding (used off CPU and for size-1 axes) gives the same box sums
+    from LensSegCalibLib.losses.sdc import _box_sum, _pad_reflect101_small
+
+    x = torch.from_numpy(labels.astype(np.uint8))[None, None]
+    via_cat = _pad_reflect101_small(x, 2)
+    assert torch.equal(via_cat, F.pad(x, (1, 1, 1, 1), mode="reflect"))
+    assert torch.equal(_box_sum(x, 2, "reflect101"), F.avg_pool2d(via_cat.float(), 3, 1).mul(9).round().byte())
 
 
 @pytest.mark.parametrize("distance", ["l1", "l2"])

@@ -160,7 +160,8 @@ def _box_sum(x: torch.Tensor, spatial_dims: int, border: Literal["zero", "reflec
     sizes = x.shape[-spatial_dims:]
     if border == "zero":
         padded = F.pad(x, (1, 1) * spatial_dims)
-    elif min(sizes) >= 2:
+    elif min(sizes) >= 2 and x.device.type == "cpu":
+        # torch "reflect" = reflect-101; its uint8 support is checked on CPU only, so other devices use cat
         padded = F.pad(x, (1, 1) * spatial_dims, mode="reflect")
     else:
         padded = _pad_reflect101_small(x, spatial_dims)
