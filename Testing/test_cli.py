@@ -85,7 +85,7 @@ def test_segment_with_reference_writes_every_output_with_the_input_geometry(tmp_
     report = json.loads((out / "eye_a_report.json").read_text())
     assert report["meta"]["model"]["id"] == "tiny-asoct" and len(report["meta"]["input"]["sha256"]) == 64
     ref = data["labels"][None].astype(np.int64)
-    seg_m = M.segmentation_metrics(labels[None], ref, 4, spacing=GEOMETRY.spacing)
+    seg_m = M.segmentation_metrics(labels[None].astype(np.int64), ref, 4, spacing=GEOMETRY.spacing)
     for seg in report["segments"]:
         c = seg["value"]
         assert seg["voxels"] == int((labels == c).sum())

@@ -75,7 +75,7 @@ def test_reference_numbers_equal_metrics_on_the_same_arrays():
     rep = calibration_report(pred, SPACING, reference=ref)
     p = pred.probabilities[None]
     y = ref[None].astype(np.int64)
-    seg_m = M.segmentation_metrics(pred.labels[None], y, 3, spacing=SPACING)
+    seg_m = M.segmentation_metrics(pred.labels[None].astype(np.int64), y, 3, spacing=SPACING)
     bc = M.boundary_calibration(p, y, SPACING, 0.6, 15)
     s = rep.summary
     assert s["ece"] == pytest.approx(M.ece(p, y), abs=1e-12)
@@ -122,6 +122,14 @@ def test_known_answer_case_d_surface_numbers_through_the_report():
     seg = calibration_report(pred, reference=ref).segments[0]
     assert abs(seg.dice - 1 / 3) < 2e-6 and abs(seg.iou - 0.2) < 2e-6
     assert abs(seg.hd95_mm - 1.605971) < 2e-6 and abs(seg.assd_mm - 0.860280) < 2e-6
+
+
+def test_report_never_modifies_the_prediction_or_the_reference():
+    pred, ref, image = _case(5)
+    copies = [a.copy() for a in (pred.labels, pred.probabilities, pred.confidence, pred.entropy, ref, image)]
+    calibration_report(pred, SPACING, reference=ref, image=image).to_html(None)
+    for before, after in zip(copies, (pred.labels, pred.probabilities, pred.confidence, pred.entropy, ref, image)):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_json_and_csv_round_trip():
