@@ -101,7 +101,9 @@ def _official_sdf(labels: torch.Tensor, num_classes: int, sign_fixed: bool = Fal
     return torch.from_numpy(np.stack(outs, axis=0)).float().to(labels.device)
 
 
-def official_sdc(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, sign_fixed: bool = False) -> torch.Tensor:
+def official_sdc(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, sign_fixed: bool = False
+) -> torch.Tensor:
     alpha, lam_sdf, sdf_scale = 0.1, 0.1, 100.0
     loss_ce = F.cross_entropy(logits, labels)
     probs = F.softmax(logits, dim=1)

@@ -69,7 +69,8 @@ class NACLLoss(nn.Module):
         self._monai: dict[tuple[int, int], nn.Module] = {}
 
     def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, kernel_ops={self.kernel_ops!r}, distance_type={self.distance_type!r}, "
+        return (f"kernel_size={self.kernel_size}, kernel_ops={self.kernel_ops!r}, "
+                f"distance_type={self.distance_type!r}, "
                 f"alpha={self.alpha}, sigma={self.sigma}, border={self.border!r}")
 
     def _monai_loss(self, num_classes: int, spatial_dims: int) -> nn.Module:

@@ -91,7 +91,8 @@ class RegionWiseLoss(nn.Module):
         self.num_classes = num_classes
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, gradual_epochs={self.gradual_epochs}, epoch={self.epoch}, spacing_mm={self.spacing_mm}"
+        return (f"mode={self.mode!r}, gradual_epochs={self.gradual_epochs}, epoch={self.epoch}, "
+                f"spacing_mm={self.spacing_mm}")
 
     @property
     def ce_weight(self) -> float:

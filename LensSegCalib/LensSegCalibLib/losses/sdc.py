@@ -15,7 +15,8 @@ Deviations from the official code, and why:
   ``sdf`` the forward computes them itself: on CUDA with cuCIM through
   ``monai.transforms.utils.distance_transform_edt`` (exact EDT on the GPU, no host round trip), otherwise
   with scipy's exact EDT (one C call per case and class — ~4 ms per 256² mask, which is why the cache
-  matters; the labels make one device→host trip). No exact EDT in plain torch is faster on CPU than scipy. The SAM target is integer box sums on the tensor's device (no scipy/OpenCV),
+  matters; the labels make one device→host trip). No exact EDT in plain torch is faster on CPU than scipy.
+  The SAM target is integer box sums on the tensor's device (no scipy/OpenCV),
   and the backward is fused (one custom autograd function), so a cached-target step costs a few CE passes.
 * 3D: the official code is 2D-slice-wise for SAM; that stays the default, ``slicewise_3d=False`` gives a
   3×3×3 neighbourhood. Optional ``spacing_mm`` for the EDT (official: voxel units).
