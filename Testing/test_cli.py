@@ -164,6 +164,8 @@ def test_errors_exit_2_with_message_and_traceback_only_with_debug(tmp_path, cata
     assert "Unknown model id 'no-such-model'" in err and "tiny-asoct" in err and "Traceback" not in err
     assert _run(args + ["--debug"], catalog) == 2
     assert "Traceback" in capsys.readouterr().err
+    assert main(["--debug", "segment", *args, "--catalog", str(catalog), "--quiet"]) == 2  # before the command
+    assert "Traceback" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert _run([str(data["c"]), "--model", "tiny-asoct", "--out", str(blocker / "sub")], catalog) == 2

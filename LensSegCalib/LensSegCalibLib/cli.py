@@ -426,11 +426,14 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``lenssegcalib`` argument parser (subcommands segment, demo, models, phantom, train)."""
+    # --debug works before or after the command: the subcommands' copy has no default (SUPPRESS), so it never
+    # resets a --debug given before the command
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    parser = argparse.ArgumentParser(prog="lenssegcalib", parents=[common],
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="lenssegcalib",
                                      description="Calibration-aware crystalline-lens segmentation (AS-OCT, CT).",
                                      epilog="Exit codes: 0 ok, 1 some inputs failed, 2 error.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"lenssegcalib {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -480,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         train = add_train_subcommand(sub)
-        train.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 
