@@ -261,6 +261,23 @@ def test_interface_and_band_helpers_on_case_e():
     assert lab.sum() == 32  # input untouched
 
 
+@given(seed=st.integers(0, 2**31 - 1), band=st.sampled_from([0.3, 0.5, 0.8, 1.0, 1.5, 2.2]),
+       spacing=st.sampled_from([(1.0, 1.0, 1.0), (2.0, 0.5, 0.5), (0.7, 0.3, 0.45)]))
+def test_band_by_dilation_equals_band_by_edt(seed, band, spacing):
+    from LensSegCalibLib.metrics import boundary as bmod
+
+    rng = np.random.default_rng(seed)
+    lab = _blobs(rng, (7, 16, 15), 3)
+    fast = boundary_band(lab, spacing, band)
+    saved = bmod._MAX_DILATION_ELEMENTS
+    bmod._MAX_DILATION_ELEMENTS = 0  # force the EDT path
+    try:
+        slow = boundary_band(lab, spacing, band)
+    finally:
+        bmod._MAX_DILATION_ELEMENTS = saved
+    np.testing.assert_array_equal(fast, slow)
+
+
 def test_band_is_measured_in_mm_on_anisotropic_grids():
     lab = np.zeros((9, 9), dtype=np.int64)
     lab[:, 5:] = 1  # vertical interface between columns 4 and 5
