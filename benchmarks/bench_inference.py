@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs["heatmap_seconds"] = full["stages"]["heatmaps"]
                 print(f"{name:6s} {device:4s} overhead {100 * runs['overhead_fraction']:+.1f} % "
                       f"(predict {full['predict_seconds']:.2f} s incl. heat maps {full['stages']['heatmaps']:.2f} s, "
-                      f"report {full['report_seconds']:.2f} s; with reference {full['report_with_reference_seconds']:.2f} s, "
+                      f"report {full['report_seconds']:.2f} s; "
+                      f"with reference {full['report_with_reference_seconds']:.2f} s, "
                       f"HTML {full['html_seconds']:.2f} s)", flush=True)
                 entry["runs"][device] = runs
             report["scenarios"][name] = entry

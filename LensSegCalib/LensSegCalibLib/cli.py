@@ -125,12 +125,14 @@ def _reference_on_grid(path: Path, geometry: Any, shape: tuple[int, ...], classe
     if labels.ndim == 3 and len(shape) == 2 and labels.shape[0] == 1:
         labels = labels[0]
     if labels.ndim != len(shape):
-        raise InputError(f"Reference {path.name} is {labels.ndim}D but the image is {len(shape)}D; use a matching file.")
+        raise InputError(
+            f"Reference {path.name} is {labels.ndim}D but the image is {len(shape)}D; use a matching file."
+        )
     img_sp = np.asarray(geometry.spacing, dtype=float)
     ref_sp = np.asarray(ref_geo.spacing, dtype=float)[-len(shape):]
-    same_axes = np.allclose(img_sp, ref_sp, rtol=1e-4, atol=1e-6) and np.allclose(
-        np.asarray(geometry.direction, dtype=float), np.asarray(ref_geo.direction, dtype=float)[: len(geometry.direction)],
-        atol=1e-4)
+    img_dir = np.asarray(geometry.direction, dtype=float)
+    ref_dir = np.asarray(ref_geo.direction, dtype=float)[: img_dir.size]
+    same_axes = np.allclose(img_sp, ref_sp, rtol=1e-4, atol=1e-6) and np.allclose(img_dir, ref_dir, atol=1e-4)
     offset = np.zeros(len(shape))
     if same_axes and len(shape) == 3:
         # index offset of the reference's voxel (0,0,0) in the image grid (i, j, k -> array order reversed)

@@ -595,7 +595,9 @@ class Segmenter:
         model_shape = resampled_shape(shape, spacing, self.spec.spacing_mm)
         roi = tuple(self.spec.patch_size)
         if len(roi) != 3:
-            raise ModelError(f"Model {self.model_id!r} is sliding3d but its patch_size {roi} is not 3D; fix the catalog.")
+            raise ModelError(
+                f"Model {self.model_id!r} is sliding3d but its patch_size {roi} is not 3D; fix the catalog."
+            )
         while True:
             total = _window_count(model_shape, roi, self.overlap, 1)
             done = [0]

@@ -342,7 +342,8 @@ def calibration_report(
         "device": prediction.device,
         "seconds": dict(prediction.seconds),
         "package_versions": package_versions(),
-        "classes": [{"value": int(c["value"]), "key": str(c.get("key", "")), "name": n} for c, n in zip(classes, names)],
+        "classes": [{"value": int(c["value"]), "key": str(c.get("key", "")), "name": n}
+                    for c, n in zip(classes, names)],
     }
     preview = _preview(prediction, image, ref, heatmap)
     preview["signed_map"] = heatmap  # full grid (reference only): outputs may write it as the boundary volume
