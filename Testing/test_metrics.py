@@ -393,6 +393,23 @@ def test_non_contiguous_and_read_only_inputs_give_the_same_result():
     assert labels.shape == (2, 9, 40, 50)  # untouched
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.int32, np.int64])
+def test_label_dtypes_are_accepted_and_inputs_are_never_modified(dtype):
+    logits, labels = _case("B")
+    probs = torch.softmax(logits, dim=1).numpy()
+    lab = labels.numpy().astype(dtype)
+    pred = logits.argmax(dim=1).numpy().astype(dtype)
+    copies = [probs.copy(), lab.copy(), pred.copy()]
+    assert ece(probs, lab) == pytest.approx(0.220280, abs=TOL)
+    assert bece(probs, lab, (0.8, 0.5), 0.6) == pytest.approx(0.212550, abs=TOL)
+    assert pece(probs, lab) == pytest.approx(0.989332, abs=TOL)
+    np.testing.assert_allclose(dice(pred, lab, 3, include_background=True), (0.894737, 0.916667, 0.8), atol=TOL)
+    np.testing.assert_array_equal(dice(lab, lab, 3), [1.0, 1.0])  # same array twice (aliasing)
+    np.testing.assert_allclose(hd95(pred, lab, 3, (0.8, 0.5)), (0.5, 1.210469), atol=TOL)
+    for before, after in zip(copies, (probs, lab, pred)):
+        np.testing.assert_array_equal(before, after)
+
+
 def test_invalid_inputs_raise_input_error_with_the_fix():
     probs, labels = _probs("B")
     with pytest.raises(InputError, match="labels must lie in 0..2"):

@@ -81,6 +81,10 @@ def check_probs_labels(
         )
     if torch.is_floating_point(y) or y.is_complex():
         raise InputError(f"labels must be integers 0..C-1; got dtype {y.dtype}. Use labels.astype(int).")
+    if y.dtype == torch.bool:
+        y = y.view(torch.uint8)
+    elif y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few CPU kernels for these: widen (a copy)
+        y = y.to(torch.int64)
     y = y.to(p.device)
     m: torch.Tensor | None = None
     if mask is not None:

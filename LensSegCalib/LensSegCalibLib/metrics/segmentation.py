@@ -74,12 +74,13 @@ def _overlap_counts(p: np.ndarray, r: np.ndarray, num_classes: int) -> tuple[np.
     case at a time, so the temporary is 1-4 bytes per voxel of one case.
     """
     n_pairs = num_classes**2
-    dtype = torch.uint8 if n_pairs <= 256 else torch.int32 if n_pairs < 2**31 else torch.int64
+    dtype = np.uint8 if n_pairs <= 256 else np.int32 if n_pairs < 2**31 else np.int64
     conf = np.zeros((p.shape[0], num_classes, num_classes), dtype=np.int64)
     for i in range(p.shape[0]):
-        pair = torch.from_numpy(np.ascontiguousarray(p[i])).to(dtype).mul_(num_classes)
-        pair += torch.from_numpy(np.ascontiguousarray(r[i])).to(dtype)
-        conf[i] = torch.bincount(pair.reshape(-1), minlength=n_pairs).numpy().reshape(num_classes, num_classes)
+        # astype always copies: the caller's arrays are never written to
+        pair = p[i].astype(dtype) * dtype(num_classes) + r[i].astype(dtype)
+        counts = torch.bincount(torch.from_numpy(pair.reshape(-1)), minlength=n_pairs)
+        conf[i] = counts.numpy().reshape(num_classes, num_classes)
     return conf.sum(axis=2), conf.sum(axis=1), np.diagonal(conf, axis1=1, axis2=2)
 
 
