@@ -206,3 +206,27 @@ def test_html_is_self_contained_with_decodable_images_and_escaped_names(tmp_path
     joined = "".join(parser.text)
     assert "Nucleus & co" in joined and "Dice" in joined and "test-model" in joined
     assert "http://" not in text and "https://" not in text  # nothing loaded from outside
+
+
+def test_write_case_outputs_signed_boundary_and_no_clobber(tmp_path):
+    from LensSegCalibLib import heatmaps
+    from LensSegCalibLib.errors import OutputError
+    from LensSegCalibLib.io import Geometry, read_image
+    from LensSegCalibLib.outputs import case_is_done, write_case_outputs
+
+    pred, ref, image = _case(6)
+    geo = Geometry(SPACING, (1.0, -2.0, 3.0))
+    rep = calibration_report(pred, SPACING, reference=ref, image=image)
+    paths = write_case_outputs(tmp_path, "c", pred, geo, rep, boundary="signed")
+    signed = read_image(paths["boundary"]).array
+    expected = heatmaps.boundary_calibration_map(pred.probabilities, ref, SPACING, fill=0.0)
+    np.testing.assert_allclose(signed, expected, atol=1e-7)
+    assert (signed < 0).any() or (signed > 0).any()
+    assert case_is_done(tmp_path, "c")
+    before = paths["report_json"].read_bytes()
+    with pytest.raises(OutputError, match="already exist"):
+        write_case_outputs(tmp_path, "c", pred, geo, rep)
+    assert paths["report_json"].read_bytes() == before
+    no_ref = calibration_report(pred, SPACING)
+    with pytest.raises(OutputError, match="reference"):
+        write_case_outputs(tmp_path / "x", "c", pred, geo, no_ref, boundary="signed")
