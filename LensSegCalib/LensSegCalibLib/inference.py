@@ -170,7 +170,10 @@ def _validate_image(image: Any, spacing: Sequence[float] | None, direction: Any)
         raise InputError(f"The image is empty (shape {arr.shape}); nothing to segment.")
     if spacing is None:
         raise InputError("spacing is required: pass the voxel size in mm per array axis, e.g. (sz, sy, sx).")
-    sp = tuple(float(s) for s in np.asarray(spacing, dtype=float).ravel())
+    try:
+        sp = tuple(float(s) for s in np.asarray(spacing, dtype=float).ravel())
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"spacing must be numbers in mm (array order); got {spacing!r}.") from exc
     if len(sp) != arr.ndim or not all(math.isfinite(s) and s > 0 for s in sp):
         raise InputError(
             f"spacing {tuple(spacing)!r} does not fit a {arr.ndim}D image: give {arr.ndim} finite positive values "
