@@ -186,3 +186,17 @@ def test_model_list_works_before_the_dependencies_are_installed(logic, monkeypat
 
     models = logic.models()
     assert [(m.id, m.modality) for m in models] == [(TINY_MODEL, "AS-OCT")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _shippedModel("ct-lens-acw"), reason="ct-lens-acw is not in the shipped catalog yet")
+def test_ct_sample_with_the_shipped_ct_model(slicerEnv):
+    import LensSegCalib
+
+    logic = LensSegCalib.LensSegCalibLogic()
+    volume, reference = logic.loadSampleData("ct", seed=4, shape=(32, 96, 96))
+    result = logic.segment(volume, model="ct-lens-acw", reference=reference, device="cpu")
+    segments = result.segmentation.GetSegmentation()
+    assert [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())] == ["right_lens", "left_lens"]
+    assert result.table.GetNumberOfRows() == 2 and result.plots
+    assert all(np.isfinite(s.dice) for s in result.report.segments)
