@@ -241,6 +241,7 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             job = self.logic.prepare(p.inputVolume, model=p.modelId, reference=p.referenceSegmentation)
         except LensSegCalibError as error:
+            self._setStatus(_("Not started: {error}").format(error=error))
             slicer.util.errorDisplay(str(error))
             return
         run = {"cancel": threading.Event(), "progress": (0.0, _("Starting")), "job": job, "outcome": None}

@@ -82,3 +82,12 @@ def test_apply_while_running_cancels_and_changes_nothing(widget, cleanScene):
     _runUntilDone(widget)
     assert "Cancelled" in widget.ui.statusLabel.text
     assert cleanScene.GetNumberOfNodes() == before and widget._result is None
+
+
+def test_bad_input_is_reported_in_the_status_line_and_nothing_runs(widget, cleanScene):
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    widget._parameterNode.inputVolume = empty
+    before = cleanScene.GetNumberOfNodes()
+    widget.onApplyButton()
+    assert widget._run is None and "has no voxels" in widget.ui.statusLabel.text
+    assert cleanScene.GetNumberOfNodes() == before
