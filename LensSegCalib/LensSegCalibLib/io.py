@@ -477,7 +477,8 @@ def write_segmentation(
         "segments": segments,
     }
     with atomic_path(path, overwrite=overwrite) as tmp:
-        slicerio.write_segmentation(str(tmp), segmentation)
+        # Level 1: label maps compress almost as well as at 9, at a fraction of the time.
+        slicerio.write_segmentation(str(tmp), segmentation, compression_level=1)
     return Path(path)
 
 
