@@ -15,7 +15,7 @@ import pytest
 import slicer
 from conftest import ASOCT_CLASSES, TINY_MODEL, obliqueIJKToRAS
 
-from LensSegCalibLib import Cancelled, InputError, OutputError, mrml
+from LensSegCalibLib import Cancelled, ChecksumError, InputError, ModelError, OutputError, mrml
 
 
 def _scene() -> list[tuple[str, str, str]]:
@@ -129,6 +129,27 @@ def test_nan_voxels_and_a_constant_volume_still_give_valid_layers(logic) -> None
     flat = logic.segment(_add(np.full((2, 40, 48), 50, np.int16), "flat"), model=TINY_MODEL, device="cpu")
     assert flat.prediction.labels.shape == (2, 40, 48)
     assert all(np.isfinite(slicer.util.arrayFromVolume(n)).all() for n in flat.heatmaps.values())
+
+
+def test_unknown_model_and_tampered_weights_keep_the_scene(logic, obliqueVolume, tinyCatalog, tmp_path) -> None:
+    import LensSegCalib
+
+    before, state = _scene(), _state(obliqueVolume)
+    with pytest.raises(ModelError, match=f"Unknown model id 'nope'. Known models: {TINY_MODEL}"):
+        logic.segment(obliqueVolume, model="nope", device="cpu")
+    folder = tmp_path / "tampered"
+    folder.mkdir()
+    for f in Path(tinyCatalog).parent.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "tiny.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    tampered = LensSegCalib.LensSegCalibLogic(catalogPath=str(folder / "catalog.json"))
+    with pytest.raises(ChecksumError, match="it was not loaded"):
+        tampered.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    _assert_scene(before)
+    assert _state(obliqueVolume) == state
 
 
 # ------------------------------------------------------------------------------------------------- cancel
