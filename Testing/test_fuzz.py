@@ -184,10 +184,13 @@ def test_one_hot_correct_predictions_are_perfectly_calibrated(case) -> None:
 
 
 @FAST
-@given(case=cases(), spacing_scale=st.floats(0.05, 4.0))
-def test_overlap_and_surface_metrics_lie_in_their_ranges(case, spacing_scale) -> None:
+@given(case=cases(), spacing_scale=st.floats(0.05, 4.0),
+       label_dtype=st.sampled_from([np.uint8, np.int16, np.int32, np.int64, np.uint16]))
+def test_overlap_and_surface_metrics_lie_in_their_ranges(case, spacing_scale, label_dtype) -> None:
     logits, ref = case
-    pred = logits.argmax(axis=1)
+    pred = logits.argmax(axis=1).astype(label_dtype)
+    ref = ref.astype(label_dtype)
+    before = (pred.copy(), ref.copy())
     classes = logits.shape[1]
     spacing = tuple(spacing_scale * (k + 1) for k in range(ref.ndim - 1))
     dice = metrics.dice(pred, ref, classes, reduction="none")
@@ -205,6 +208,8 @@ def test_overlap_and_surface_metrics_lie_in_their_ranges(case, spacing_scale) ->
     assert np.all(metrics.dice(ref, ref, classes, reduction="none") == 1.0)
     hd_self = metrics.hd95(ref, ref, classes, spacing, reduction="none")
     assert np.all(hd_self[np.isfinite(hd_self)] == 0.0)
+    np.testing.assert_array_equal(pred, before[0])  # label maps are never modified, whatever their dtype
+    np.testing.assert_array_equal(ref, before[1])
 
 
 METRICS = [metrics.ece, metrics.classwise_ece, metrics.nll, metrics.brier, metrics.pece, metrics.bece]
