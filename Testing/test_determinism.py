@@ -138,3 +138,18 @@ def test_a_fresh_process_writes_the_same_labels_maps_and_report(catalog, volume,
     b = json.loads((there / "case_report.json").read_text(encoding="utf-8"))
     assert _stable(a) == _stable(b)
     assert (here / "case_report.csv").read_text() == (there / "case_report.csv").read_text()
+
+
+@pytest.mark.parametrize("model_id", ["asoct-lens-acw", "ct-lens-acw"])
+def test_shipped_models_are_deterministic_on_cpu(model_id) -> None:
+    """The shipped weights (real network sizes) on a small input: two loads, two runs, identical outputs."""
+    rng = np.random.default_rng(11)
+    if model_id.startswith("ct"):
+        vol = (rng.normal(0, 40, (12, 40, 120)) - 100).astype(np.int16)  # one sliding-window patch on the model grid
+        spacing = (1.5, 0.9, 0.9)
+    else:
+        vol = rng.normal(100, 30, (1, 200, 200)).astype(np.float32)  # one B-scan near the model's patch size
+        spacing = (1.0, 0.01625, 0.02)
+    a = Segmenter.from_catalog(model_id, "cpu").predict(vol, spacing)
+    b = Segmenter.from_catalog(model_id, "cpu").predict(vol, spacing)
+    _assert_same_prediction(a, b)
