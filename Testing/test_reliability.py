@@ -676,3 +676,5 @@ def test_html_report_escapes_user_controlled_names(tmp_path, files) -> None:
     html = (out / f"{name}_report.html").read_text(encoding="utf-8")
     assert "<script>alert" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+    # self-contained: no script at all, nothing fetched from the network when the report is opened
+    assert "<script" not in html.lower() and not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
