@@ -328,6 +328,9 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- results -----------------------------------------------------------------------------------------
     def _updateHeatmapDisplay(self) -> None:
+        if self._result is not None and not all(slicer.mrmlScene.IsNodePresent(n) for n in self._result.nodes):
+            self._result = None  # the user deleted result nodes: nothing left to show
+            self._updateButtons()
         if self._result is None:
             return
         # Read the widgets, not the parameter node: this slot may run before the GUI binding updated it.
