@@ -335,9 +335,17 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         # Read the widgets, not the parameter node: this slot may run before the GUI binding updated it.
         ui = self.ui
-        self.logic.showHeatmap(self._result, self.HEATMAPS[max(ui.heatmapSelector.currentIndex, 0)],
-                               opacity=ui.opacitySlider.value, threshold=ui.thresholdSlider.value,
-                               legend=ui.legendCheckBox.checked)
+        heatmap = self.HEATMAPS[max(ui.heatmapSelector.currentIndex, 0)]
+        self.logic.showHeatmap(self._result, heatmap, opacity=ui.opacitySlider.value,
+                               threshold=ui.thresholdSlider.value, legend=ui.legendCheckBox.checked)
+        layout = slicer.app.layoutManager()  # None without a main window (tests, --no-main-window)
+        if layout is not None:
+            meta = self._result.report.meta
+            text = f"LensSegCalib {meta['model']['id']} ({meta['device']})" + ("" if heatmap == "none" else f"\n{heatmap}")
+            for name in layout.sliceViewNames():
+                view = layout.sliceWidget(name).sliceView()
+                view.cornerAnnotation().SetText(vtk.vtkCornerAnnotation.UpperRight, text)
+                view.forceRender()
 
     def onShowTable(self) -> None:
         if self._result is not None:
