@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -38,7 +39,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
-from LensSegCalibLib import heatmaps
+from LensSegCalibLib import LensSegCalibError, heatmaps
 from LensSegCalibLib.inference import Segmenter
 
 assert hasattr(heatmaps, "_BAND_SLAB_VOXELS"), "heatmaps no longer streams the band in slabs: update this test"
@@ -60,8 +61,18 @@ t0 = time.perf_counter()
 pred = seg.predict(vol, (0.5, 0.02, 0.02), probabilities_dtype=None)
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+pred_labels = pred.labels.max()
+del pred
+# a volume that cannot fit (4096^3 voxels, a zero-copy view): must fail at once with a clear error, not hang
+huge = np.broadcast_to(np.int16(7), (4096, 4096, 4096))
+t1 = time.perf_counter()
+try:
+    seg.predict(huge, (0.5, 0.02, 0.02))
+    too_big = "no error"
+except (MemoryError, LensSegCalibError) as exc:
+    too_big = f"{type(exc).__name__}: {exc}"
 print(json.dumps({"voxels": int(vol.size), "base": base, "peak": peak, "seconds": seconds,
-                  "labels": int(pred.labels.max()) + 1}))
+                  "labels": int(pred_labels) + 1, "too_big": too_big, "too_big_seconds": time.perf_counter() - t1}))
 """
 
 
@@ -89,7 +100,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_peak_memory_per_voxel_stays_bounded(catalog: Path) -> None:
+def test_peak_memory_per_voxel_stays_bounded_and_an_impossible_volume_fails_fast(catalog: Path) -> None:
     shape = (48, 256, 256)  # 3.1 M voxels = 12 band slabs: per-voxel memory dominates fixed overheads
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PACKAGE_ROOT))
     done = subprocess.run([sys.executable, "-c", CHILD, str(catalog), *map(str, shape), str(SLAB_VOXELS)],
@@ -100,3 +111,6 @@ def test_peak_memory_per_voxel_stays_bounded(catalog: Path) -> None:
     assert result["labels"] >= 1
     assert grown <= BYTES_PER_VOXEL_BOUND * result["voxels"] + FIXED_ALLOWANCE, \
         f"{grown / result['voxels']:.1f} B/voxel above baseline ({result})"
+    # 4096^3 voxels under the address-space limit: refused within seconds, the process survives
+    assert re.match(r"(MemoryError|InputError): .*(allocate|memory|large)", result["too_big"], re.I), result
+    assert result["too_big_seconds"] < 30
