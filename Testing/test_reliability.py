@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import signal
-import sys
 import threading
 import warnings
 from pathlib import Path

@@ -128,7 +128,8 @@ def _run(catalog: Path, model: str, shape: tuple[int, ...], write: bool, threads
     result.update(shape=list(shape), wall_seconds=wall)
     peak = result.get("write_peak_bytes", result["predict_peak_bytes"])
     result["bytes_per_voxel_above_base"] = (peak - result["base_bytes"]) / result["voxels"]
-    result["predict_bytes_per_voxel_above_base"] = (result["predict_peak_bytes"] - result["base_bytes"]) / result["voxels"]
+    predict_grown = result["predict_peak_bytes"] - result["base_bytes"]
+    result["predict_bytes_per_voxel_above_base"] = predict_grown / result["voxels"]
     return result
 
 
