@@ -341,7 +341,8 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         layout = slicer.app.layoutManager()  # None without a main window (tests, --no-main-window)
         if layout is not None:
             meta = self._result.report.meta
-            text = f"LensSegCalib {meta['model']['id']} ({meta['device']})" + ("" if heatmap == "none" else f"\n{heatmap}")
+            text = f"LensSegCalib {meta['model']['id']} ({meta['device']})"
+            text += "" if heatmap == "none" else f"\n{heatmap}"
             for name in layout.sliceViewNames():
                 view = layout.sliceWidget(name).sliceView()
                 view.cornerAnnotation().SetText(vtk.vtkCornerAnnotation.UpperRight, text)

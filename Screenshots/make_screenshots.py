@@ -105,7 +105,8 @@ def make_screenshots(out: Path, model: str, catalog: str | None, seed: int, shap
         path = out / name
         view.save_png(path, {vtk.vtkCornerAnnotation.UpperLeft: f"{header}\n{text}",
                              vtk.vtkCornerAnnotation.LowerLeft: legend},
-                      sliceOffset=middle, zoom=zoom, center=(lensCenter[0], lensCenter[1], middle) if zoom > 1 else None)
+                      sliceOffset=middle, zoom=zoom,
+                      center=(lensCenter[0], lensCenter[1], middle) if zoom > 1 else None)
         shots.append(path)
 
     both = "prediction: fill + outline; ground truth: thin outline"

@@ -866,7 +866,8 @@ def publish_job(job: SegmentationJob, computed: ComputedRun, *, output: Any = No
             plots.append(nodes["chart"])
         # Diagrams of an earlier run that this run has no numbers for (e.g. reference dropped): remove.
         for role in ("reliability-chart", "reliability-series", "reliability-table"):
-            remove_nodes(n for n in find_nodes(role, output=segmentation) if n.GetAttribute(KIND_ATTRIBUTE) not in wanted)
+            stale = [n for n in find_nodes(role, output=segmentation) if n.GetAttribute(KIND_ATTRIBUTE) not in wanted]
+            remove_nodes(stale)
     except BaseException:
         remove_nodes(reversed(created))
         raise

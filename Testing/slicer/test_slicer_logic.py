@@ -275,7 +275,8 @@ def test_unusable_inputs_raise_clear_errors_and_change_nothing(logic, obliqueVol
     from LensSegCalibLib import InputError
 
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-    rgb = slicer.util.addVolumeFromArray(np.zeros((2, 8, 8, 3), np.uint8), name="rgb", nodeClassName="vtkMRMLVectorVolumeNode")
+    rgb = slicer.util.addVolumeFromArray(np.zeros((2, 8, 8, 3), np.uint8), name="rgb",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
     transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     obliqueVolume.SetAndObserveTransformNodeID(transform.GetID())
     before = _nodeIds(cleanScene)

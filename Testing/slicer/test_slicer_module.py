@@ -126,7 +126,8 @@ def fakeInstallers(monkeypatch):
 
     calls = []
     realFindSpec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else realFindSpec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else realFindSpec(name, *a))
     torchUtils = types.ModuleType("PyTorchUtils")
 
     class PyTorchUtilsLogic:

@@ -145,7 +145,8 @@ def test_help_text_cites_every_method():
 def test_importing_the_module_is_light():
     """Slicer imports every module at start-up: no torch/monai/scipy at import time."""
     code = ("import sys; sys.path.insert(0, 'Testing'); import headless_slicer; headless_slicer.start(); "
-            "import LensSegCalib; print(sorted(m for m in ('torch', 'monai', 'scipy', 'SimpleITK') if m in sys.modules))")
+            "import LensSegCalib; "
+            "print(sorted(m for m in ('torch', 'monai', 'scipy', 'SimpleITK') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
