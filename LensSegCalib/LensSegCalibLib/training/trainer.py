@@ -346,6 +346,16 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     net = build_network(cfg["network"]).to(device)
+    if cfg.get("init_from"):
+        # two-stage recipes (e.g. CT: per-class ACW to find the tiny lenses, then the pooled rule to tighten
+        # their boundaries) start from the first stage's safetensors; resuming overrides it below
+        from safetensors.torch import load_file
+
+        init = Path(cfg["init_from"])
+        if not init.is_file():
+            raise InputError(f"init_from weights {init} not found: run the first-stage config first "
+                             "(see docs/TRAINING.md).")
+        net.load_state_dict(load_file(str(init), device=str(device)))
     model: torch.nn.Module = net
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -479,7 +489,7 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
 def _config_key(cfg: Mapping[str, Any]) -> str:
     import hashlib
 
-    keep = {k: cfg[k] for k in ("model_id", "input", "network", "loss", "data", "optim", "seed") if k in cfg}
+    keep = {k: cfg[k] for k in ("model_id", "input", "network", "loss", "data", "optim", "seed", "init_from") if k in cfg}
     keep = copy.deepcopy(keep)
     for k in ("threads", "stop_after_epoch"):  # do not change the result
         keep["optim"].pop(k, None)
