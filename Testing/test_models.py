@@ -208,3 +208,63 @@ def test_resample_keeps_extent_and_labels_stay_integral() -> None:
     up = resample_to_spacing(img, (1, 1, 1), (1, 1, 0.5))
     assert up.shape == (1, 4, 60) and up.dtype == np.float32
     assert crop_or_pad(np.ones((3, 3)), (5, 1)).shape == (5, 1)
+
+
+# ---- the shipped models --------------------------------------------------------------------------------------
+# Regression floors on 2 small held-out phantoms each (seeds >= 10000, one with the phantom's "hard" shifts),
+# measured inside `visible` as the catalog's held-out metrics are. They sit ~0.05 below what the shipped 1.0.0
+# weights reach on exactly these phantoms, so a broken model, loader or preprocessing fails them.
+# The issue's floors (ISSUE_FLOORS) are NOT reached yet by the AS-OCT models (see catalog heldout_metrics and
+# docs/RESULTS.md): CE and SDC never predict the 2-voxel capsule, ACW reaches ~0.7 there.
+ISSUE_FLOORS = {
+    "asoct-lens-acw": {"capsule": 0.75, "cortex": 0.90, "nucleus": 0.95},
+    "ct-lens-acw": {"right_lens": 0.85, "left_lens": 0.85},
+}
+FLOORS = {
+    "asoct-lens-acw": {"capsule": 0.60, "cortex": 0.75, "nucleus": 0.70},
+    "asoct-lens-ce": {"cortex": 0.75, "nucleus": 0.70},
+    "asoct-lens-sdc": {"cortex": 0.75, "nucleus": 0.70},
+    "ct-lens-acw": {"right_lens": 0.65, "left_lens": 0.80},
+}
+
+
+def test_shipped_catalog_validates_and_lists_the_required_models() -> None:
+    cat = load_catalog()
+    assert set(FLOORS) <= set(cat.ids())
+    for spec in cat:
+        assert spec.weights_path.stat().st_size <= 20 * 1024 * 1024
+        assert spec.temperature > 0 and spec.heldout_metrics, spec.id
+        assert spec.network["out_channels"] == spec.num_classes
+    # CE, ACW and SDC share the recipe: only the loss differs
+    a, c, s = (cat.get(f"asoct-lens-{k}").to_dict() for k in ("acw", "ce", "sdc"))
+    for d in (a, c, s):
+        for k in ("id", "title", "description", "loss", "temperature", "weights", "training", "heldout_metrics"):
+            d.pop(k)
+    assert a == c == s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", sorted(FLOORS))
+def test_shipped_model_loads_verified_and_reaches_its_floor(model_id: str) -> None:
+    from LensSegCalibLib.inference import Segmenter
+    from LensSegCalibLib.phantom import asoct_volume, ct_head_volume
+    from LensSegCalibLib.training.evaluate import evaluate_prediction
+
+    torch.set_num_threads(1)
+    net, spec = load_model(model_id)  # verifies size + sha256 first
+    assert not net.training
+    seg = Segmenter(net, spec, device="cpu")
+    if spec.modality == "AS-OCT":
+        phantoms = [asoct_volume(10001, shape=(2, 800, 800)), asoct_volume(10101, shape=(2, 800, 800), split="heldout")]
+    else:
+        phantoms = [ct_head_volume(10001, shape=(40, 160, 256)),
+                    ct_head_volume(10101, shape=(40, 160, 256), split="heldout")]
+    dices = []
+    for ph in phantoms:
+        pred = seg.predict(ph.image, ph.spacing, probabilities_dtype=np.float32)
+        r = evaluate_prediction(pred.probabilities, ph.labels, ph.visible, ph.spacing,
+                                slicewise=spec.mode == "slicewise2d")
+        dices.append(r["dice"])
+    mean = dict(zip(spec.class_keys[1:], np.mean(dices, axis=0)))
+    for key, floor in FLOORS[model_id].items():
+        assert mean[key] >= floor, f"{model_id}: mean Dice {key} {mean[key]:.4f} < {floor} ({dices})"

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -87,7 +88,9 @@ def evaluate_prediction(probs: np.ndarray, ref: np.ndarray, visible: np.ndarray 
     if slicewise:
         h = hd95(pm, rm, c, spacing=tuple(spacing[1:]), reduction="none")  # (Z, C-1), one case per B-scan
         h = np.where(np.isinf(h), np.nan, h)  # a class missing in one B-scan only: counted via Dice, not HD
-        out["hd95_mm"] = [float(v) for v in np.nanmean(h, axis=0)]
+        with warnings.catch_warnings():  # a class never predicted at all gives an all-NaN column: NaN, quietly
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out["hd95_mm"] = [float(v) for v in np.nanmean(h, axis=0)]
         band = np.stack([boundary_band(ref[z], spacing[1:]) for z in range(ref.shape[0])])
     else:
         h = hd95(pm[None], rm[None], c, spacing=tuple(spacing), reduction="none")[0]
@@ -118,7 +121,8 @@ def _mean_rows(rows: list[dict]) -> dict[str, Any]:
     for k in keys:
         vals = [r[k] for r in rows if k in r]
         arr = np.array(vals, dtype=float)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmean(arr, axis=0) if arr.size else np.nan
             sd = np.nanstd(arr, axis=0) if arr.size else np.nan
         if np.ndim(m) == 0:
