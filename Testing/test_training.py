@@ -169,3 +169,14 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     assert entry["training"]["processes"] == 2
     rows = _csv(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 1  # only rank 0 validates and logs
+
+
+def test_a_new_phantom_version_does_not_reuse_cached_volumes(tmp_path: Path, monkeypatch) -> None:
+    import LensSegCalibLib.phantom as phantom
+
+    kw = dict(shape=(2, 32, 32), variation={"noise": 0.0}, spacing_mm=None, normalization={"kind": "none"},
+              cache_dir=tmp_path)
+    prepare_volume(TOY, 5, **kw)
+    assert isinstance(prepare_volume(TOY, 5, **kw).image, np.memmap)  # same generator: cache hit
+    monkeypatch.setattr(phantom, "PHANTOM_VERSION", str(phantom.PHANTOM_VERSION) + "-changed")
+    assert not isinstance(prepare_volume(TOY, 5, **kw).image, np.memmap)  # changed generator: regenerated

@@ -35,6 +35,13 @@ __all__ = [
 HELDOUT_SEED_START = 10000
 
 
+def _phantom_version() -> str:
+    """The phantom generator's version: part of the cache key, so a changed generator never reuses old data."""
+    from ..phantom import PHANTOM_VERSION
+
+    return str(PHANTOM_VERSION)
+
+
 def phantom_generator(kind: str) -> Callable[..., Any]:
     """``"asoct"`` -> ``phantom.asoct_volume``; ``"ct"`` -> ``phantom.ct_head_volume``; ``"pkg.mod:func"`` ->
     any callable with the same signature ``func(seed, *, shape=None, **variation) -> Phantom``-like object
@@ -130,7 +137,7 @@ def prepare_volume(generator: str, seed: int, *, shape: Sequence[int] | None, va
         raise InputError(f"Held-out evaluation needs seeds >= {HELDOUT_SEED_START}, got {seed}.")
     payload = {"g": generator, "seed": seed, "shape": list(shape) if shape else None, "var": dict(variation),
                "sp": list(spacing_mm) if spacing_mm else None, "norm": dict(normalization),
-               "ax0": resample_axis0, "v": 2}
+               "ax0": resample_axis0, "v": 2, "phantom": _phantom_version()}
     key = _key(payload)
     paths = None
     if cache_dir is not None:
