@@ -677,3 +677,9 @@ def test_html_report_escapes_user_controlled_names(tmp_path, files) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(2)&gt;" in html
     # self-contained: no script at all, nothing fetched from the network when the report is opened
     assert "<script" not in html.lower() and not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+
+
+def test_torch_load_is_only_used_with_weights_only() -> None:
+    offenders = [f"{path.name}: torch.load({m.group(1)})" for path, text in _sources().items()
+                 for m in re.finditer(r"torch\.load\(([^)]*)\)", text) if "weights_only=True" not in m.group(1)]
+    assert offenders == []

@@ -373,8 +373,9 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
     ckpt_path = out_dir / "checkpoint.pt"
     start_epoch, history, train_seconds = 0, [], 0.0
     if resume and ckpt_path.exists():
-        # our own file in runs/ (not a shipped artefact): it holds optimizer state, so torch.load is needed
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # our own file in runs/ (not a shipped artefact): it holds optimizer state, so torch.load is needed;
+        # weights_only=True: tensors, numbers and strings only, so a planted checkpoint cannot run code
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ck.get("config_key") == _config_key(cfg):
             net.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
