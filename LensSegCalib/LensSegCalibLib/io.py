@@ -291,9 +291,12 @@ def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, li
 
         if not p.exists():
             raise InputError(f"Segmentation not found: {p}.")
+        if p.is_file() and p.stat().st_size == 0:
+            raise InputError(f"Segmentation {p} is empty (0 bytes); copy or export it again from Slicer.")
         try:
             seg = slicerio.read_segmentation(str(p))
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        # pynrrd ends a header that stops early with StopIteration (an Exception here, not a loop signal)
+        except (OSError, ValueError, KeyError, IndexError, StopIteration) as exc:
             raise InputError(f"Cannot read segmentation {p} ({exc}); re-save it from Slicer as .seg.nrrd.") from exc
         voxels = np.asarray(seg["voxels"])
         if voxels.ndim == 4:
