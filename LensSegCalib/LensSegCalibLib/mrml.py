@@ -115,7 +115,8 @@ def array_from_volume(volumeNode: Any) -> np.ndarray:
     """
     import slicer
 
-    if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+    if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") or \
+            volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):  # a label map is a scalar volume subclass
         kind = "nothing" if volumeNode is None else volumeNode.GetClassName()
         raise InputError(f"Expected a scalar volume node, got {kind}. Select a grey-value volume (not a "
                          "vector/RGB, DTI or label map volume) as input.")
@@ -170,8 +171,17 @@ def remove_nodes(nodes: Iterable[Any]) -> None:
     import slicer
 
     for node in nodes:
-        if node is not None and slicer.mrmlScene.IsNodePresent(node):
-            slicer.mrmlScene.RemoveNode(node)
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
+            continue
+        # RemoveNode leaves the display and storage nodes behind (slicer-core): remove them explicitly
+        companions = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+            if hasattr(node, "GetNumberOfDisplayNodes") else []
+        if hasattr(node, "GetStorageNode"):
+            companions.append(node.GetStorageNode())
+        slicer.mrmlScene.RemoveNode(node)
+        for companion in companions:
+            if companion is not None and slicer.mrmlScene.IsNodePresent(companion):
+                slicer.mrmlScene.RemoveNode(companion)
 
 
 # ------------------------------------------------------------------------------------------------ volumes

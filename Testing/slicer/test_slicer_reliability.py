@@ -80,11 +80,16 @@ def _under_transform() -> Any:
     return node
 
 
+def _labelmap() -> Any:
+    return slicer.util.addVolumeFromArray((_lens(np.uint8) > 100).astype(np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+
+
 BAD_NODES = [
     ("vector/RGB volume", _vector_volume, "scalar volume"),
     ("volume without voxels", _empty_volume, "has no voxels"),
     ("zero spacing", _zero_spacing, "finite and positive"),
     ("volume under a transform", _under_transform, "Harden the transform"),
+    ("label map as input", _labelmap, "scalar volume"),
 ]
 
 
@@ -185,6 +190,19 @@ def test_cancel_once_nodes_are_being_created_finishes_the_whole_result(logic, ob
 
 
 # ------------------------------------------------------------------------------------------ failing publish
+# ------------------------------------------------------------------------------------------ failing publish
+def test_failure_while_creating_nodes_removes_the_half_made_ones(logic, obliqueVolume, monkeypatch) -> None:
+    before = _scene()
+
+    def broken_table(*args: Any, **kwargs: Any) -> None:
+        raise OutputError("simulated failure after the segmentation and heatmaps were created")
+
+    monkeypatch.setattr(mrml, "add_table", broken_table)
+    with pytest.raises(OutputError, match="simulated"):
+        logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu")
+    _assert_scene(before)
+
+
 # ------------------------------------------------------------------------------------------------ export
 def test_export_never_overwrites_without_the_choice_and_reports_unwritable_folders(logic, obliqueVolume,
                                                                                    tmp_path) -> None:
