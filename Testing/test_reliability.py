@@ -683,3 +683,18 @@ def test_torch_load_is_only_used_with_weights_only() -> None:
     offenders = [f"{path.name}: torch.load({m.group(1)})" for path, text in _sources().items()
                  for m in re.finditer(r"torch\.load\(([^)]*)\)", text) if "weights_only=True" not in m.group(1)]
     assert offenders == []
+
+
+def test_outputs_never_replace_an_input_file(catalog, files, tmp_path, capsys) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = folder / "scan.nrrd"
+    clash = folder / "scan_confidence.nrrd"  # an input whose name is another input's output name
+    scan.write_bytes(files["good"].read_bytes())
+    clash.write_bytes(files["good"].read_bytes())
+    before = {p.name: sha256_file(p) for p in (scan, clash)}
+    assert _segment(catalog, folder, clash, scan, extra=("--overwrite",)) == 2
+    err = capsys.readouterr().err
+    assert "would replace the input" in err and "Traceback" not in err
+    assert {p.name: sha256_file(p) for p in (scan, clash)} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.nrrd", "scan_confidence.nrrd"]
