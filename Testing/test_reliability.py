@@ -195,6 +195,7 @@ BAD_ARRAYS = [
     ("Inf spacing", np.ones(SHAPE, np.float32), (0.5, float("inf"), 0.03), r"finite positive"),
     ("spacing missing", np.ones(SHAPE, np.float32), None, r"spacing is required"),
     ("text spacing", np.ones(SHAPE, np.float32), ("a", "b", "c"), r"spacing must be numbers in mm"),
+    ("scalar spacing", np.ones(SHAPE, np.float32), 0.5, r"does not fit a 3D image"),
     ("2 spacings for 3D", np.ones(SHAPE, np.float32), (0.02, 0.03), r"does not fit a 3D image"),
     ("3 spacings for 2D", np.ones(SHAPE[1:], np.float32), SPACING, r"does not fit a 2D image"),
 ]

@@ -176,7 +176,7 @@ def _validate_image(image: Any, spacing: Sequence[float] | None, direction: Any)
         raise InputError(f"spacing must be numbers in mm (array order); got {spacing!r}.") from exc
     if len(sp) != arr.ndim or not all(math.isfinite(s) and s > 0 for s in sp):
         raise InputError(
-            f"spacing {tuple(spacing)!r} does not fit a {arr.ndim}D image: give {arr.ndim} finite positive values "
+            f"spacing {spacing!r} does not fit a {arr.ndim}D image: give {arr.ndim} finite positive values "
             "in mm, array order (sz, sy, sx). Fix the image header if it is wrong."
         )
     if direction is not None:
@@ -184,7 +184,8 @@ def _validate_image(image: Any, spacing: Sequence[float] | None, direction: Any)
         n = arr.ndim
         if d.size != n * n or not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d.reshape(n, n))) - 1) > 1e-3:
             raise InputError(
-                f"direction {tuple(d)!r} is not a {n}x{n} rotation/reflection matrix; fix the image header."
+                f"direction {tuple(round(float(v), 6) for v in d)} is not a {n}x{n} rotation/reflection matrix; "
+                "fix the image header."
             )
         direction = d.reshape(n, n)
     return arr, sp, direction
