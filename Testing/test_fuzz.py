@@ -325,3 +325,18 @@ def test_binned_metrics_refuse_logits_passed_as_probabilities(fn, case) -> None:
     logits, labels = case
     with pytest.raises(InputError, match="probabilities in \\[0, 1\\]"):
         fn(logits * 10 + 3, labels)  # some values far outside [0, 1]: the commonest mistake
+
+
+@pytest.mark.parametrize("fn", [metrics.nll, metrics.brier, metrics.pece], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["logits", "negative background probability"])
+@settings(max_examples=10, deadline=None)
+@given(case=cases(max_side=4))
+def test_score_metrics_refuse_values_that_are_not_probabilities(fn, kind, case) -> None:
+    logits, labels = case
+    if kind == "logits":
+        probs = logits * 10 + 3  # some values far outside [0, 1]
+    else:
+        probs = _softmax(logits)
+        probs[0, 0].reshape(-1)[0] = -0.5  # class 0 of one voxel: read by all three
+    with pytest.raises(InputError, match="probabilities in \\[0, 1\\]"):
+        fn(probs, labels)

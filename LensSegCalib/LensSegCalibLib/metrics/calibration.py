@@ -338,6 +338,10 @@ def _pece_cases(
     probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n_bins: int, fp_weight: float
 ) -> list[float]:
     p, y, _ = check_probs_labels(probs, labels)
+    if p.numel():  # pECE reads only class 0: check its range (logits passed by mistake gave numbers > 1)
+        lo, hi = torch.aminmax(p[:, 0])
+        if not (float(lo) >= -1e-6 and float(hi) <= 1.0 + 1e-6):  # NaN fails both
+            raise InputError(RANGE_MESSAGE)
     k = n_bins + 2
     per_case = []
     for b in range(p.shape[0]):
