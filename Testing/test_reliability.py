@@ -615,7 +615,7 @@ def test_reference_on_the_same_grid_adds_measured_numbers(catalog, files, tmp_pa
 
 
 @pytest.mark.parametrize("ref, message", [
-    ("ref_grid", "lies on another grid"),
+    ("ref_grid", "lies on another grid (spacing (0.5, 0.04, 0.03) vs (0.5, 0.02, 0.03) mm"),
     ("ref_names", "has segments the model does not know: Lesion"),
     ("ref_values", "holds label values 0..14 but model 'tiny2d' has 4 classes"),
     ("not_an_image", "Cannot read"),

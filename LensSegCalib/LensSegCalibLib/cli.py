@@ -141,8 +141,9 @@ def _reference_on_grid(path: Path, geometry: Any, shape: tuple[int, ...], classe
         offset = ijk[::-1]
     rounded = np.rint(offset)
     if not same_axes or not np.allclose(offset, rounded, atol=1e-3):
+        ref_mm, img_mm = (tuple(round(float(v), 6) for v in sp) for sp in (ref_sp, img_sp))  # no numpy reprs
         raise InputError(
-            f"Reference {path.name} lies on another grid (spacing {tuple(ref_sp)} vs {tuple(img_sp)} mm, or a "
+            f"Reference {path.name} lies on another grid (spacing {ref_mm} vs {img_mm} mm, or a "
             "different direction/origin). Resample it onto the image first (Slicer: Segmentations > Export to "
             "labelmap with the image as reference geometry) and retry."
         )
