@@ -1,5 +1,5 @@
 """Memory of a big volume (issue 6): peak resident memory of ``Segmenter.predict`` per input voxel, measured in a
-child process (``ru_maxrss``) under an address-space limit, on a volume small enough for the suite.
+child process (``VmHWM``) under an address-space limit, on a volume small enough for the suite.
 
 Streaming is tested *proportionally*: a 1024 x 1024 x 512 volume is cut into boundary-band slabs of 2^24 voxels
 (1/32 of it); here the slab is scaled down to 2^18 voxels so that the 48 x 256 x 256 test volume is streamed
@@ -36,7 +36,7 @@ SLAB_VOXELS = 1 << 18
 ADDRESS_SPACE_LIMIT = 6 << 30
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
 from LensSegCalibLib import LensSegCalibError, heatmaps
@@ -49,6 +49,12 @@ def rss():
     with open("/proc/self/status") as fh:
         return int(fh.read().split("VmRSS:")[1].split()[0]) * 1024
 
+def hwm():
+    # Peak RSS of this process image. Not ru_maxrss: Linux keeps that across fork+exec, so it would include
+    # the RSS of the pytest worker that started this child (hundreds of MB after the Slicer tests).
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmHWM:")[1].split()[0]) * 1024
+
 catalog, shape = sys.argv[1], tuple(int(v) for v in sys.argv[2:5])
 seg = Segmenter.from_catalog("big", "cpu", catalog=catalog)
 rng = np.random.default_rng(0)
@@ -60,7 +66,7 @@ base = rss()
 t0 = time.perf_counter()
 pred = seg.predict(vol, (0.5, 0.02, 0.02), probabilities_dtype=None)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 pred_labels = pred.labels.max()
 del pred
 # a volume that cannot fit (4096^3 voxels, a zero-copy view): must fail at once with a clear error, not hang

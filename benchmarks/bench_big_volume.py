@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Big volumes: wall time and peak resident memory of inference (and optionally the CLI's full case) per size.
 
-Each size runs in its own child process (fresh allocator, ``ru_maxrss`` of that run only) under an address-space
+Each size runs in its own child process (fresh allocator, ``VmHWM`` of that run only) under an address-space
 limit, so a size that does not fit fails cleanly instead of swapping the machine. The model is a tiny random
 2D UNet (the shipped models' layout: slicewise2d, 4 classes, float16 probabilities) unless ``--catalog`` and
 ``--model`` name a real one; the network's compute is not what this measures, the data path is.
@@ -35,7 +35,7 @@ FULL_SHAPE = (512, 1024, 1024)
 SPACING = (0.05, 0.02, 0.02)
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[6]))
@@ -58,13 +58,18 @@ lens = (xx**2 / 0.5 + yy**2 / 0.2 < 1).astype(np.float32)
 for k in range(shape[0]):
     vol[k] = (400 + 500 * lens + rng.normal(0, 50, shape[1:]).astype(np.float32)).astype(np.int16)
 del yy, xx, lens
+def peak_rss():
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec (it would include the parent's RSS).
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmHWM:")[1].split()[0]) * 1024
+
 seg.predict(vol[:1, :64, :64], spacing[:3])  # warm-up
 base = rss()
 t0 = time.perf_counter()
 # as the CLI without a reference: the probabilities are not kept (C x 2 bytes per voxel saved)
 pred = seg.predict(vol, spacing, probabilities_dtype=None)
 t_pred = time.perf_counter() - t0
-peak_pred = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak_pred = peak_rss()
 out = {"voxels": int(vol.size), "base_bytes": base, "predict_seconds": t_pred, "predict_peak_bytes": peak_pred,
        "stages": pred.seconds}
 if write_dir:
@@ -75,7 +80,7 @@ if write_dir:
     report = calibration_report(pred, spacing, image=vol, case="big")
     write_case_outputs(write_dir, "big", pred, Geometry(spacing), report, overwrite=True)
     out["write_seconds"] = time.perf_counter() - t1
-    out["write_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["write_peak_bytes"] = peak_rss()
 print(json.dumps(out))
 """
 
