@@ -32,8 +32,9 @@ DEFAULT_MODEL = "asoct-lens-acw"
 #: Import names of the Python packages the core needs (torch from the PyTorch extension, the rest via pip).
 REQUIRED_IMPORTS = ("torch", "monai", "scipy", "safetensors", "nrrd", "slicerio", "matplotlib", "jsonschema")
 SAMPLE_NAMES = {"asoct": "LensSegCalib AS-OCT phantom", "ct": "LensSegCalib CT head phantom"}
-#: Small sample shapes (Z, Y, X): quick to generate and to segment on a laptop CPU.
-SAMPLE_SHAPES = {"asoct": (8, 384, 384), "ct": (48, 160, 160)}
+#: Sample shapes (Z, Y, X), quick to segment on a laptop CPU: AS-OCT on the device-like native grid (16 x 13 mm
+#: at 20 x 16 um), where the shipped models were trained (they degrade on much coarser B-scans).
+SAMPLE_SHAPES = {"asoct": (8, 800, 800), "ct": (48, 160, 160)}
 
 
 class LensSegCalib(ScriptedLoadableModule):

@@ -126,7 +126,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--model", default="asoct-lens-acw")
     parser.add_argument("--catalog", default=None, help="another catalog.json (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--shape", type=int, nargs=3, default=(8, 384, 384), metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", type=int, nargs=3, default=(8, 800, 800), metavar=("Z", "Y", "X"))
     parser.add_argument("--size", type=int, nargs=2, default=(800, 520), metavar=("W", "H"))
     parser.add_argument("--icon", action="store_true", help="also (re)draw the 128x128 module icon")
     parser.add_argument("--icon-only", action="store_true", help="only draw the icon")
