@@ -26,7 +26,7 @@ ICON = ROOT / "LensSegCalib" / "Resources" / "Icons" / "LensSegCalib.png"
 
 
 def _harness():
-    """Load Testing/headless_slicer.py by path (Testing/ on sys.path would leak Testing/slicer into slicer)."""
+    """Load Testing/headless_slicer.py by path (Testing/ is not a package)."""
     spec = importlib.util.spec_from_file_location("headless_slicer", ROOT / "Testing" / "headless_slicer.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["headless_slicer"] = module

@@ -14,7 +14,7 @@ and puts ``LensSegCalib/`` on ``sys.path``. After that a plain Python process ca
     import LensSegCalib
     logic = LensSegCalib.LensSegCalibLogic()
 
-Used by ``Testing/slicer/conftest.py`` (pytest fixtures) and ``Screenshots/make_screenshots.py``; run it as a
+Used by ``Testing/slicer_module/conftest.py`` (pytest fixtures) and ``Screenshots/make_screenshots.py``; run it as a
 script for a smoke check (``python Testing/headless_slicer.py``). Facts and pitfalls: ``shared/SLICER.md`` 5.
 Refuses to run inside the real Slicer application (``slicer.app`` exists there).
 """
@@ -350,21 +350,12 @@ def _parameter_wrapper_stub() -> types.ModuleType:
 
 
 def _import_slicer() -> Any:
-    """``import slicer`` without picking up ``Testing/slicer/`` (our test folder) as part of the package.
+    """``import slicer`` (slicer-core).
 
-    The ``slicer`` meta-package of slicer-core calls ``pkgutil.extend_path``: every ``sys.path`` entry with a
-    ``slicer/`` sub-folder adds its modules to the package, and pytest or ``python Testing/<script>.py`` puts
-    ``Testing/`` on ``sys.path``. Hide that entry for the first import (later imports reuse ``sys.modules``).
+    Note: slicer-core's ``slicer`` package calls ``pkgutil.extend_path``, so any folder named ``slicer/`` on
+    ``sys.path`` would join the package; that is why the module tests live in ``Testing/slicer_module/``.
     """
-    if "slicer" in sys.modules:
-        return sys.modules["slicer"]
-    testing = str(REPO_ROOT / "Testing")
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != testing]
-    try:
-        return importlib.import_module("slicer")
-    finally:
-        sys.path[:] = saved
+    return importlib.import_module("slicer")
 
 
 def start(temporaryPath: Optional[str] = None) -> Any:

@@ -19,8 +19,7 @@ import pytest
 
 
 def _loadHarness():
-    """Import Testing/headless_slicer.py by path: putting Testing/ on sys.path would let the ``slicer``
-    meta-package (pkgutil.extend_path) pick up this very folder, Testing/slicer/, as part of itself."""
+    """Import Testing/headless_slicer.py by path (pytest puts only this folder on sys.path, not Testing/)."""
     if "headless_slicer" in sys.modules:
         return sys.modules["headless_slicer"]
     path = Path(__file__).resolve().parents[1] / "headless_slicer.py"
@@ -32,7 +31,6 @@ def _loadHarness():
 
 
 headless_slicer = _loadHarness()
-headless_slicer._import_slicer()  # before any test module's `import slicer` (see _import_slicer)
 from lsc_testdata import ASOCT_CLASSES, TEST_SPACING, TINY_MODEL, obliqueIJKToRAS  # noqa: E402
 
 
