@@ -414,8 +414,38 @@ class Segmenter:
             :class:`Prediction` on the input grid.
 
         Raises:
-            InputError: bad image/spacing/direction. Cancelled: ``cancel`` was set. ModelError: inference failed.
+            InputError: bad image/spacing/direction, or too little memory for this volume (the message gives
+                the estimate). Cancelled: ``cancel`` was set. ModelError: inference failed.
         """
+        try:
+            return self._predict(image, spacing, direction=direction, progress=progress, cancel=cancel,
+                                 probabilities_dtype=probabilities_dtype, apply_temperature=apply_temperature,
+                                 band_mm=band_mm, boundary_fill=boundary_fill)
+        except MemoryError as exc:
+            shape = tuple(getattr(getattr(image, "array", image), "shape", ()))
+            voxels = int(np.prod(shape)) if shape else 0
+            # in-RAM outputs + normalised copy + band temporaries, measured ~17-30 B/voxel (docs/RELIABILITY.md)
+            per_voxel = 30 + (0 if probabilities_dtype is None else 2 * self.spec.num_classes)
+            raise InputError(
+                f"Not enough memory to segment a volume of shape {shape} ({voxels:,} voxels): it needs about "
+                f"{voxels * per_voxel / 2**30:.1f} GiB. Crop the volume to the eye (Slicer: Crop Volume), "
+                "segment fewer slices at a time, or use a machine with more memory."
+            ) from exc
+
+    def _predict(
+        self,
+        image: Any,
+        spacing: Sequence[float] | None,
+        *,
+        direction: Any,
+        progress: ProgressCallback | None,
+        cancel: "threading.Event | None",
+        probabilities_dtype: Any,
+        apply_temperature: bool | None,
+        band_mm: float | None,
+        boundary_fill: float,
+    ) -> Prediction:
+        """:meth:`predict` without the out-of-memory translation."""
         import torch
 
         from .heatmaps import default_band_mm, label_free_boundary_map
