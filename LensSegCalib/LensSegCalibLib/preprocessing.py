@@ -44,6 +44,15 @@ def _finite_values(a: np.ndarray) -> np.ndarray:
     return flat[np.isfinite(flat)]
 
 
+def _finish_unit_range(x: np.ndarray, finite: np.ndarray, all_finite: bool, shift: float, scale: float) -> np.ndarray:
+    """Non-finite voxels to 0 (the low end), then ``(x - shift) / scale``, in place on ``x`` (float32)."""
+    if not all_finite:
+        x[~finite] = 0.0
+    x -= np.float32(shift)
+    x /= np.float32(scale)
+    return x
+
+
 def normalize_intensity(image: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
     """Normalise an image for the network (see the module docstring for the kinds).
 
@@ -81,23 +90,26 @@ def normalize_intensity(image: np.ndarray, normalization: Mapping[str, Any]) -> 
             raise InputError("The image has no finite voxel (all NaN/Inf): check the file or its rescaling.")
         lo, hi = np.percentile(vals.astype(np.float64), [lo_p, hi_p])
         rng = hi - lo
+        del vals
+        # In place on our own float32 copy (same float32 operations as the out-of-place form, so identical
+        # values): a large volume then needs no further full-size temporaries.
         if not rng > 0:  # constant image: everything maps to the low end, no division by zero
-            x = np.zeros_like(a)
+            a.fill(0.0)
         else:
-            x = np.clip((a - np.float32(lo)) / np.float32(rng), 0.0, 1.0)
-        if not all_finite:
-            x[~finite] = 0.0
-        return ((x - np.float32(shift)) / np.float32(scale)).astype(np.float32, copy=False)
+            a -= np.float32(lo)
+            a /= np.float32(rng)
+            np.clip(a, 0.0, 1.0, out=a)
+        return _finish_unit_range(a, finite, all_finite, shift, scale)
 
     if kind == "hu_window":
         lo = float(normalization.get("min", -200.0))
         hi = float(normalization.get("max", 300.0))
         if not hi > lo:
             raise InputError(f"hu_window needs max > min, got min={lo}, max={hi}. Fix the model's normalization.")
-        x = np.clip((a - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
-        if not all_finite:
-            x[~finite] = 0.0
-        return ((x - np.float32(shift)) / np.float32(scale)).astype(np.float32, copy=False)
+        a -= np.float32(lo)
+        a /= np.float32(hi - lo)
+        np.clip(a, 0.0, 1.0, out=a)
+        return _finish_unit_range(a, finite, all_finite, shift, scale)
 
     if kind == "zscore":
         vals = _finite_values(a).astype(np.float64)
