@@ -6,7 +6,7 @@ Scenarios (phantoms, generated once in the parent and handed to workers as .npy 
 - ``ct``: a head CT of 256 x 256 x 128 voxels (array (128, 256, 256), 0.9 mm pixels, 2 mm slices), model
   ``ct-lens-acw``.
 
-Variants, each in a fresh subprocess (so ``ru_maxrss`` is that variant's own peak):
+Variants, each in a fresh subprocess (so ``VmHWM`` is that variant's own peak):
 
 - ``monai``: bare inference written with plain torch/MONAI: normalise, resample to the model grid,
   ``sliding_window_inference`` (same roi, overlap, Gaussian blending), softmax, resample back, argmax.
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,13 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: Linux keeps that across fork+exec, so it would
+    include the parent's RSS."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def _catalogs(tmp: Path) -> dict[str, str | None]:
