@@ -7,22 +7,15 @@ import torch
 
 from LensSegCalibLib import heatmaps
 from LensSegCalibLib.errors import InputError
+from methods_cases import case
 
 TOL = 2e-6
 
 
 def case_e() -> tuple[np.ndarray, np.ndarray]:
-    """METHODS.md case E: 12x12 disk of 32 voxels, logits ch0 = 0, ch1 from the integer rule (no RNG)."""
-    i, j = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
-    label = ((i - 5.5) ** 2 + (j - 5.5) ** 2 <= 12.25).astype(np.int64)
-    iface = np.zeros_like(label, dtype=bool)  # 4-neighbour of the other label
-    iface[1:] |= label[1:] != label[:-1]
-    iface[:-1] |= label[1:] != label[:-1]
-    iface[:, 1:] |= label[:, 1:] != label[:, :-1]
-    iface[:, :-1] |= label[:, 1:] != label[:, :-1]
-    ch1 = (2 * label - 1) * np.where(iface, 0.5, 2.0) + 0.25 * (((3 * i + 5 * j) % 7) - 3) + 0.1
-    logits = torch.from_numpy(np.stack([np.zeros_like(ch1), ch1])).float()
-    return torch.softmax(logits, dim=0).numpy(), label
+    """METHODS.md case E as ``(probabilities (2, 12, 12), labels (12, 12))``."""
+    logits, labels = case("E")
+    return torch.softmax(logits[0], dim=0).numpy(), labels[0].numpy()
 
 
 def test_case_e_has_the_documented_disk_and_errors():

@@ -36,6 +36,7 @@ from LensSegCalibLib.metrics import (
     segmentation_metrics,
 )
 from LensSegCalibLib.metrics import _binning
+from methods_cases import case, case_d
 
 TOL = 2e-6
 
@@ -43,47 +44,7 @@ TOL = 2e-6
 # ------------------------------------------------------------------------------------------------------------
 # METHODS.md section 0.6 test inputs (logits written out; probabilities = softmax over C)
 # ------------------------------------------------------------------------------------------------------------
-def _case(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (1, C, *S) float32, labels (1, *S) int64) of METHODS.md case A, B, C or E."""
-    if name == "A":
-        ch0 = [[1.5, 2.9, 2.7, 1.0], [1.2, -0.5, 0.6, 1.4], [2.2, -1.8, 1.6, -0.1], [2.2, 1.4, -0.4, 0.5]]
-        ch1 = [[0.8, -0.2, -0.2, 0.7], [-0.9, 0.0, 1.9, -0.7], [-1.9, 0.7, 1.0, 0.3], [-1.5, 0.0, 2.4, 1.3]]
-        lab = [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
-        return torch.tensor([[ch0, ch1]]), torch.tensor([lab])
-    if name == "B":
-        ch0 = [[1.5, 2.5, 2.2, 2.2, 3.1, 0.3], [0.9, -1.3, -0.1, 1.0, 0.0, 2.0], [-0.4, 0.1, -0.9, 1.8, 0.9, 2.4],
-               [1.4, 0.6, 0.7, -0.3, -0.5, 1.4], [0.9, -0.6, -0.3, -0.7, 2.3, -0.1], [2.3, 0.9, 1.0, 0.1, 1.4, 1.3]]
-        ch1 = [[0.2, -0.5, 0.1, 1.8, 0.4, -0.6], [1.0, 1.4, 2.1, 2.1, 1.1, -1.9], [-0.3, 2.1, -0.4, 0.4, 2.5, -0.5],
-               [1.2, 3.1, 1.1, 1.2, 2.6, 2.3], [0.2, 1.5, 2.1, 0.6, -1.6, -0.9], [0.4, 0.5, -1.5, -1.9, -0.3, -0.2]]
-        ch2 = [[0.0, 0.7, 1.2, 0.2, 0.6, -1.1], [-1.2, 0.2, 0.7, 0.7, 0.6, 0.8], [0.8, -1.8, 0.8, 2.0, 0.6, -1.5],
-               [1.2, -0.4, 1.3, 1.8, 0.7, -1.4], [1.0, 0.1, -0.8, -0.3, -2.2, -0.6], [0.2, -0.7, -0.3, -0.1, 0.0, 1.0]]
-        lab = [[0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 2, 2, 1, 0], [0, 1, 2, 2, 1, 0], [0, 1, 1, 1, 0, 0],
-               [0, 0, 0, 0, 0, 0]]
-        return torch.tensor([[ch0, ch1, ch2]]), torch.tensor([lab])
-    if name == "C":
-        ch0 = [[[3.3, -1.6, 2.5, 1.6], [2.8, 0.4, 1.8, 1.5], [1.0, 0.6, 0.4, 1.1], [1.3, 2.2, 2.2, 1.0]],
-               [[1.1, -0.3, 3.2, 1.3], [2.8, 0.4, 1.9, 1.5], [1.8, 1.5, -1.0, 1.3], [0.0, 1.8, 1.1, 1.7]],
-               [[1.1, 0.7, 1.2, 2.6], [2.4, 1.2, -1.2, 2.2], [0.1, 1.0, 0.8, 2.2], [1.7, 2.0, 1.8, 0.8]]]
-        ch1 = [[[0.5, 1.4, 0.0, 0.6], [-0.1, 2.5, 2.2, 0.9], [0.3, 3.1, 1.1, -0.3], [-0.6, 0.6, -0.6, -0.6]],
-               [[0.7, 1.2, 0.6, -2.7], [-1.0, 0.4, 0.3, 1.1], [1.8, 1.2, 0.8, 2.2], [0.1, 0.1, 0.8, 0.0]],
-               [[0.4, -1.9, -1.6, 1.1], [0.8, -0.5, 0.5, -0.2], [-1.2, -0.3, 1.7, 0.1], [1.2, -0.2, 0.4, 1.4]]]
-        lab = [[[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
-               [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 0]],
-               [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]]
-        return torch.tensor([[ch0, ch1]]), torch.tensor([lab])
-    if name == "E":  # integer rule, no RNG: a 32-voxel disk, weaker logits on the interface
-        i, j = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
-        lab = ((i - 5.5) ** 2 + (j - 5.5) ** 2 <= 12.25).astype(np.int64)
-        iface = np.zeros(lab.shape, dtype=bool)
-        dv, dh = lab[1:] != lab[:-1], lab[:, 1:] != lab[:, :-1]
-        iface[1:] |= dv
-        iface[:-1] |= dv
-        iface[:, 1:] |= dh
-        iface[:, :-1] |= dh
-        ch1 = (2 * lab - 1) * np.where(iface, 0.5, 2.0) + 0.25 * (((3 * i + 5 * j) % 7) - 3) + 0.1
-        logits = np.stack([np.zeros_like(ch1), ch1])[None].astype(np.float32)
-        return torch.from_numpy(logits), torch.from_numpy(lab[None])
-    raise ValueError(name)
+_case = case
 
 
 def _probs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +52,7 @@ def _probs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(logits, dim=1), labels
 
 
-def _case_d() -> tuple[np.ndarray, np.ndarray]:
-    """Case D: (pred, ref) label maps (1, 10, 10)."""
-    ref = np.zeros((1, 10, 10), dtype=np.int64)
-    ref[0, 2:6, 2:6] = 1
-    pred = np.zeros((1, 10, 10), dtype=np.int64)
-    pred[0, 3:7, 4:9] = 1
-    return pred, ref
+_case_d = case_d
 
 
 def _blobs(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
