@@ -254,7 +254,6 @@ def calibration_report(
         InputError: reference on another grid, or with labels the model does not have.
     """
     from . import heatmaps
-    from .metrics import boundary_band
 
     spacing_t = tuple(float(s) for s in (prediction.spacing if spacing is None else spacing))
     labels = np.asarray(prediction.labels)
@@ -298,7 +297,8 @@ def calibration_report(
         mask = labels == value
         values = conf[mask]
         mean, median, p5, below5, below9 = _stats(values)
-        seg_band = np.asarray(boundary_band(mask.astype(np.uint8), spacing_t, band), dtype=bool) if mask.any() \
+        # the heat maps' band helper: the same band as metrics.boundary_band, streamed in slabs for big volumes
+        seg_band = heatmaps.boundary_band_mask(mask.view(np.uint8), spacing_t, band) if mask.any() \
             else np.zeros(labels.shape, dtype=bool)
         nb = int(seg_band.sum())
         row = SegmentReport(
