@@ -118,8 +118,13 @@ def normalized_entropy(probabilities: object) -> np.ndarray:
 
 
 def default_band_mm(spacing: Sequence[float]) -> float:
-    """Default band half-width: ``2 x min(spacing)`` mm (two voxels on the finest axis, METHODS.md 2)."""
-    return 2.0 * float(min(spacing))
+    """Default band half-width: ``2 x min(spacing)`` mm (two voxels on the finest axis, METHODS.md 2).
+
+    The rule lives in ``metrics.default_band_mm`` (the BECE band), so heat maps and BECE cannot drift apart.
+    """
+    from .metrics import default_band_mm as bece_default_band_mm
+
+    return float(bece_default_band_mm(spacing, len(spacing)))
 
 
 def default_sigma_mm(spacing: Sequence[float]) -> float:

@@ -81,7 +81,11 @@ def interface_mask(labels: np.ndarray | torch.Tensor, connectivity: Connectivity
     Returns:
         ``(*S)`` bool numpy array; the image border is not an interface.
     """
-    y = _labels_numpy(labels)
+    return _interfaces(_labels_numpy(labels), connectivity)
+
+
+def _interfaces(y: np.ndarray, connectivity: str = "face") -> np.ndarray:
+    """``(*S)`` bool: voxels with a neighbour (inside the image) whose value differs (numpy, no checks)."""
     out = np.zeros(y.shape, dtype=bool)
     for off in _offsets(y.ndim, connectivity):
         a, b = _pair_slices(off)
@@ -110,14 +114,7 @@ def class_interface_masks(
 
 def _class_interface(y: np.ndarray, c: int, connectivity: str = "face") -> np.ndarray:
     """``(*S)`` bool: voxels with a neighbour such that exactly one of the two is labelled ``c``."""
-    is_c = y == c
-    out = np.zeros(y.shape, dtype=bool)
-    for off in _offsets(y.ndim, connectivity):
-        a, b = _pair_slices(off)
-        edge = is_c[a] != is_c[b]
-        out[a] |= edge
-        out[b] |= edge
-    return out
+    return _interfaces(y == c, connectivity)
 
 
 def default_band_mm(spacing: Sequence[float] | None, ndim: int) -> float:
