@@ -16,9 +16,10 @@ band's bounding box grown by the kernel radius (exact for every band voxel, far 
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InputError
 
@@ -26,6 +27,7 @@ __all__ = [
     "confidence_map",
     "normalized_entropy",
     "boundary_band_mask",
+    "boundary_band_slabs",
     "label_free_boundary_map",
     "boundary_calibration_map",
     "default_band_mm",
@@ -132,22 +134,14 @@ def default_sigma_mm(spacing: Sequence[float]) -> float:
     return 2.0 * float(min(spacing))
 
 
-def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm: float | None = None) -> np.ndarray:
-    """Voxels within ``band_mm`` of an interface of ``labels`` (the BECE band, METHODS.md 2), as a bool mask.
+def boundary_band_slabs(labels: object, spacing: Sequence[float] | None,
+                        band_mm: float | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """The band of :func:`boundary_band_mask` one slab at a time: yields ``(rows, mask)`` pairs.
 
-    Uses ``LensSegCalibLib.metrics.boundary_band`` (face-connected interfaces, Euclidean distance in mm between
-    voxel centres, inclusive), so the heat maps and BECE can never disagree about the band. Large 3D volumes
-    are processed in slabs along axis 0 with a halo of ``band_mm`` (+1 voxel for the interface test), which
-    gives exactly the whole-volume band while the distance transform's memory (~20 bytes per voxel) stays
-    bounded by the slab size.
-
-    Args:
-        labels: integer ``(*S)`` label map.
-        spacing: mm per array axis (``None`` = 1 mm).
-        band_mm: band half-width in mm (``0`` = interface voxels only); ``None`` = ``2 x min(spacing)``.
-
-    Returns:
-        bool ``(*S)``; all False when there is no interface.
+    ``rows`` is a slice of axis 0 and ``mask`` the bool band of those rows (shape ``(rows, *S[1:])``); the slabs
+    tile axis 0 in order. Each slab is computed with a halo of ``band_mm`` (+1 voxel for the interface test), so
+    it is exactly that part of the whole-volume band while the distance transform's memory (~20 bytes per voxel)
+    stays bounded by the slab size. Small or 2D inputs come as one slab.
     """
     from .metrics import boundary_band
 
@@ -159,14 +153,35 @@ def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm:
     per_row = int(np.prod(lab.shape[1:], dtype=np.int64))
     rows = max(1, _BAND_SLAB_VOXELS // max(per_row, 1))
     if lab.ndim < 3 or lab.shape[0] <= rows:
-        return np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
+        yield slice(0, lab.shape[0]), np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
+        return
     halo = int(np.ceil(band / spacing_t[0])) + 1  # band reach along axis 0, +1 so halo voxels see neighbours
-    out = np.zeros(lab.shape, dtype=bool)
     for z0 in range(0, lab.shape[0], rows):
         z1 = min(z0 + rows, lab.shape[0])
         lo, hi = max(z0 - halo, 0), min(z1 + halo, lab.shape[0])
         part = np.asarray(boundary_band(lab[lo:hi], spacing_t, band), dtype=bool)
-        out[z0:z1] = part[z0 - lo:z1 - lo]
+        yield slice(z0, z1), part[z0 - lo:z1 - lo]
+
+
+def boundary_band_mask(labels: object, spacing: Sequence[float] | None, band_mm: float | None = None) -> np.ndarray:
+    """Voxels within ``band_mm`` of an interface of ``labels`` (the BECE band, METHODS.md 2), as a bool mask.
+
+    Uses ``LensSegCalibLib.metrics.boundary_band`` (face-connected interfaces, Euclidean distance in mm between
+    voxel centres, inclusive), so the heat maps and BECE can never disagree about the band. Large 3D volumes
+    are processed in slabs along axis 0 (:func:`boundary_band_slabs`), which gives exactly the whole-volume band.
+
+    Args:
+        labels: integer ``(*S)`` label map.
+        spacing: mm per array axis (``None`` = 1 mm).
+        band_mm: band half-width in mm (``0`` = interface voxels only); ``None`` = ``2 x min(spacing)``.
+
+    Returns:
+        bool ``(*S)``; all False when there is no interface.
+    """
+    lab = _as_numpy(labels)
+    out = np.zeros(lab.shape, dtype=bool)
+    for rows, mask in boundary_band_slabs(lab, spacing, band_mm):
+        out[rows] = mask
     return out
 
 
@@ -177,10 +192,12 @@ def label_free_boundary_map(
     *,
     band_mm: float | None = None,
     fill: float = float("nan"),
+    dtype: npt.DTypeLike = np.float32,
 ) -> np.ndarray:
     """Boundary uncertainty without a reference (METHODS.md 10.3).
 
     Normalised entropy inside the band of ``band_mm`` around the predicted interfaces, ``fill`` elsewhere.
+    Built slab by slab: no full-size band mask or temporary exists besides the result.
 
     Args:
         labels: integer ``(*S)`` predicted labels (argmax).
@@ -188,17 +205,19 @@ def label_free_boundary_map(
         spacing: mm per array axis.
         band_mm: band half-width in mm; ``None`` = ``2 x min(spacing)``.
         fill: value outside the band: NaN (analysis; the default) or 0 (a Slicer volume layer).
+        dtype: float dtype of the result (float32 by default; the segmenter keeps float16 maps).
 
     Returns:
-        float32 ``(*S)``: entropy in the band, ``fill`` outside.
+        ``dtype`` ``(*S)``: entropy in the band, ``fill`` outside.
     """
     lab = _as_numpy(labels)
     ent = _as_numpy(entropy)
     if ent.shape != lab.shape:
         raise InputError(f"entropy {ent.shape} and labels {lab.shape} must share one grid; pass maps of one case.")
-    band = boundary_band_mask(lab, spacing, band_mm)
-    out = np.full(lab.shape, fill, dtype=np.float32)
-    out[band] = ent[band]
+    out = np.full(lab.shape, fill, dtype=dtype)
+    for rows, mask in boundary_band_slabs(lab, spacing, band_mm):
+        view = out[rows]
+        view[mask] = ent[rows][mask]
     return out
 
 

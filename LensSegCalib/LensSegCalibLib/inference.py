@@ -16,8 +16,10 @@ Pipeline of :meth:`Segmenter.predict` (all on the segmenter's device, torch):
 4. Confidence (max p) and normalised entropy are computed per slab while storing; the label-free boundary map
    (``heatmaps.label_free_boundary_map``) at the end.
 
-Memory stays bounded: slices/patches are streamed; at most the model-grid logits (3D) and the float16 output
-probabilities exist at once. AMP (float16 autocast) on CUDA. On CUDA out-of-memory the batch is halved down to
+Memory stays bounded: B-scans are normalised and segmented a few at a time (normalisation statistics come from
+the whole volume first, so the values equal normalising it at once); the outputs are uint8 labels and float16
+maps (7 bytes per input voxel, plus 2 per class when the probabilities are kept); the boundary band is streamed
+in slabs. The 3D path also holds the float32 volume and the model-grid logits. AMP (float16 autocast) on CUDA. On CUDA out-of-memory the batch is halved down to
 1, then the run moves to the CPU, each time with a ``RuntimeWarning``. ``progress(fraction, message)`` is called
 as work advances; ``cancel`` (a ``threading.Event``) is polled before every batch/patch (well under a second
 apart on 2 CPU cores for the shipped models) and raises :class:`~LensSegCalibLib.errors.Cancelled`.
@@ -70,10 +72,14 @@ class Prediction:
         labels: uint8 ``(*S)``, argmax of the probabilities (0 = background).
         probabilities: ``(C, *S)`` temperature-scaled softmax, float16 unless asked otherwise (None when
             ``predict(..., probabilities_dtype=None)``).
-        confidence: float32 ``(*S)``, top-label probability ``max_c p`` in [0, 1].
-        entropy: float32 ``(*S)``, normalised entropy ``-sum p ln p / ln C`` in [0, 1].
-        boundary: float32 ``(*S)``, label-free boundary map (METHODS.md 10.3): entropy inside the band of
+        confidence: float16 ``(*S)``, top-label probability ``max_c p`` in [0, 1].
+        entropy: float16 ``(*S)``, normalised entropy ``-sum p ln p / ln C`` in [0, 1].
+        boundary: float16 ``(*S)``, label-free boundary map (METHODS.md 10.3): entropy inside the band of
             ``band_mm`` around the predicted interfaces, ``boundary_fill`` (NaN by default) elsewhere.
+
+    The maps are float16 (resolution 2^-11 near 1, far below any visible or reported difference) so that a
+    1024 x 1024 x 512 volume fits in a few GB: labels + three maps take 7 bytes per voxel. Files and Slicer layers
+    get them as float32; the probabilities were float16 already, and ``confidence`` equals their maximum.
         spacing: mm per array axis of the input grid.
         classes: catalog class dicts (``value``, ``key``, ``name``, ``color``, ``terminology``), by value.
         model_id, model_version, weights_sha256: provenance.
@@ -424,8 +430,10 @@ class Segmenter:
         except MemoryError as exc:
             shape = tuple(getattr(getattr(image, "array", image), "shape", ()))
             voxels = int(np.prod(shape)) if shape else 0
-            # in-RAM outputs + normalised copy + band temporaries, measured ~17-30 B/voxel (docs/RELIABILITY.md)
-            per_voxel = 30 + (0 if probabilities_dtype is None else 2 * self.spec.num_classes)
+            # labels + three float16 maps (7 B/voxel, measured: Testing/test_big_volume.py), the float32 volume
+            # the 3D window needs, and the probabilities when kept
+            per_voxel = 7 + (0 if self.spec.mode == "slicewise2d" else 4) + (
+                0 if probabilities_dtype is None else np.dtype(probabilities_dtype).itemsize * self.spec.num_classes)
             raise InputError(
                 f"Not enough memory to segment a volume of shape {shape} ({voxels:,} voxels): it needs about "
                 f"{voxels * per_voxel / 2**30:.1f} GiB. Crop the volume to the eye (Slicer: Crop Volume), "
@@ -449,7 +457,7 @@ class Segmenter:
         import torch
 
         from .heatmaps import default_band_mm, label_free_boundary_map
-        from .preprocessing import normalize_intensity
+        from .preprocessing import apply_normalization, normalization_parameters
 
         t0 = time.perf_counter()
         report = progress if progress is not None else (lambda f, m: None)
@@ -474,7 +482,9 @@ class Segmenter:
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             warnings.warn("The image has NaN/Inf voxels; they are treated as the lowest intensity.", RuntimeWarning,
                           stacklevel=2)
-        norm = normalize_intensity(arr, self.spec.normalization)  # float32 copy; the input stays untouched
+        # statistics from the whole volume; the values are applied slab by slab (2D) so no float32 copy of a
+        # big volume exists, with exactly the values of normalising the whole volume at once
+        norm_params = normalization_parameters(arr, self.spec.normalization)
         temperature = float(self.spec.temperature) if (
             self.apply_temperature if apply_temperature is None else apply_temperature) else 1.0
         if not (math.isfinite(temperature) and temperature > 0):
@@ -482,20 +492,21 @@ class Segmenter:
         t_prep = time.perf_counter()
 
         num_classes = self.spec.num_classes
-        shape = norm.shape
+        shape = arr.shape
         out = _Outputs(
             labels=np.empty(shape, dtype=np.uint8),
             probabilities=None if probabilities_dtype is None else np.empty(
                 (num_classes,) + shape, dtype=np.dtype(probabilities_dtype)),
-            confidence=np.empty(shape, dtype=np.float32),
-            entropy=np.empty(shape, dtype=np.float32),
+            confidence=np.empty(shape, dtype=np.float16),
+            entropy=np.empty(shape, dtype=np.float16),
         )
         with torch.inference_mode():
             if self.spec.mode == "slicewise2d":
-                self._run_slicewise(norm, spacing_t, temperature, out, report, cancel)
+                self._run_slicewise(arr, norm_params, spacing_t, temperature, out, report, cancel)
             else:
+                norm = apply_normalization(arr, norm_params)  # the 3D window needs the whole (model-grid) volume
                 self._run_sliding3d(norm, spacing_t, temperature, out, report, cancel)
-        del norm
+                del norm
         t_inf = time.perf_counter()
 
         report(0.92, "heat maps")
@@ -510,7 +521,8 @@ class Segmenter:
             labels, conf, ent = labels[0], conf[0], ent[0]
             probs = None if probs is None else probs[:, 0]
         band = default_band_mm(input_spacing) if band_mm is None else float(band_mm)
-        boundary = label_free_boundary_map(labels, ent, input_spacing, band_mm=band, fill=boundary_fill)
+        boundary = label_free_boundary_map(labels, ent, input_spacing, band_mm=band, fill=boundary_fill,
+                                           dtype=np.float16)
         t_end = time.perf_counter()
         report(1.0, "done")
         return Prediction(
@@ -581,14 +593,15 @@ class Segmenter:
             overlap=self.overlap, mode="gaussian", cval=self._cval(), sw_device=self.device, device=self.device,
         )
 
-    def _run_slicewise(self, norm: np.ndarray, spacing: tuple, temperature: float, out: "_Outputs",
-                       report: ProgressCallback, cancel: Any) -> None:
+    def _run_slicewise(self, image: np.ndarray, norm_params: dict, spacing: tuple, temperature: float,
+                       out: "_Outputs", report: ProgressCallback, cancel: Any) -> None:
+        """2D models: B-scans (axis 0 of ``image``, raw intensities) normalised and segmented a few at a time."""
         import torch
         import torch.nn.functional as F
 
-        from .preprocessing import resampled_shape
+        from .preprocessing import apply_normalization, resampled_shape
 
-        depth, height, width = norm.shape
+        depth, height, width = image.shape
         model_hw = resampled_shape((height, width), spacing[1:], self.spec.spacing_mm[1:])
         roi = tuple(self.spec.patch_size[-2:])  # a 3-value patch size of a 2D model: its in-plane part
         per_slice = _window_count(model_hw, roi, self.overlap, 1)
@@ -604,7 +617,7 @@ class Segmenter:
             _check_cancel(cancel)
             z1 = min(z0 + self.slice_batch, depth)
             try:
-                x = torch.from_numpy(norm[z0:z1]).to(self.device)[:, None]
+                x = torch.from_numpy(apply_normalization(image[z0:z1], norm_params)).to(self.device)[:, None]
                 if tuple(model_hw) != (height, width):
                     x = F.interpolate(x, size=tuple(model_hw), mode="bilinear", align_corners=False)
                 logits = self._sliding(x, roi, cancel, tick)

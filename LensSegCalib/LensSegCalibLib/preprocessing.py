@@ -27,6 +27,8 @@ from .errors import InputError
 
 __all__ = [
     "normalize_intensity",
+    "normalization_parameters",
+    "apply_normalization",
     "resample_to_spacing",
     "resampled_shape",
     "crop_or_pad",
@@ -37,11 +39,16 @@ _PCT_SAMPLE_MAX = 4_000_000  # above this many voxels percentiles come from a fi
 
 
 def _finite_values(a: np.ndarray) -> np.ndarray:
+    """The finite float32 values the statistics use (fixed-stride subsample above 4 M voxels), as float64.
+
+    Finite *as float32*: a float64 voxel of 1e300 is Inf to the network, so it is not counted either.
+    """
     flat = a.reshape(-1)
     if flat.size > _PCT_SAMPLE_MAX:
         # fixed stride, no RNG: deterministic and identical between training and inference
         flat = flat[:: int(np.ceil(flat.size / _PCT_SAMPLE_MAX))]
-    return flat[np.isfinite(flat)]
+    flat = flat.astype(np.float32)
+    return flat[np.isfinite(flat)].astype(np.float64)
 
 
 def _finish_unit_range(x: np.ndarray, finite: np.ndarray, all_finite: bool, shift: float, scale: float) -> np.ndarray:
@@ -53,8 +60,96 @@ def _finish_unit_range(x: np.ndarray, finite: np.ndarray, all_finite: bool, shif
     return x
 
 
+def normalization_parameters(image: np.ndarray, normalization: Mapping[str, Any]) -> dict[str, Any]:
+    """The image statistics a normalisation needs, from the whole image (no full-size copy of it).
+
+    Computing them once and applying them slab by slab (:func:`apply_normalization`) gives exactly the values of
+    :func:`normalize_intensity` on the whole volume, so a big volume never needs a float32 copy of itself.
+
+    Args:
+        image: any real array; not modified.
+        normalization: the catalog's ``input.normalization`` dict.
+
+    Returns:
+        ``{"kind", "lo", "span", "shift", "scale"}``: the affine map ``clip((x - lo) / span, 0, 1)`` (percentile,
+        hu_window) or ``(x - lo) / span`` (zscore: lo = mean, span = std), then ``(x - shift) / scale``;
+        ``span = 0`` marks a constant image (everything maps to the low end).
+
+    Raises:
+        InputError: unknown kind, bad parameters, non-numeric or empty image, no finite voxel.
+    """
+    a = np.asarray(image)
+    if a.size == 0:
+        raise InputError("Cannot normalise an empty image: pass an image with at least one voxel.")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
+        raise InputError(f"Cannot normalise an image of dtype {a.dtype}: pass a real-valued (int/float) image.")
+    kind = normalization.get("kind")
+    shift = float(normalization.get("shift", 0.5))
+    scale = float(normalization.get("scale", 0.5))
+    if kind in ("percentile", "hu_window") and not scale > 0:
+        raise InputError(f"normalization.scale must be > 0, got {scale}. Fix the model's normalization.")
+    params: dict[str, Any] = {"kind": kind, "lo": 0.0, "span": 1.0, "shift": shift, "scale": scale}
+    if kind == "percentile":
+        lo_p = float(normalization.get("lower", 0.5))
+        hi_p = float(normalization.get("upper", 99.5))
+        if not 0 <= lo_p < hi_p <= 100:
+            raise InputError(f"Percentiles must satisfy 0 <= lower < upper <= 100, got {lo_p}, {hi_p}.")
+        vals = _finite_values(a)
+        if vals.size == 0:
+            raise InputError("The image has no finite voxel (all NaN/Inf): check the file or its rescaling.")
+        lo, hi = np.percentile(vals, [lo_p, hi_p])
+        params.update(lo=float(lo), span=float(hi - lo) if hi - lo > 0 else 0.0)
+    elif kind == "hu_window":
+        lo = float(normalization.get("min", -200.0))
+        hi = float(normalization.get("max", 300.0))
+        if not hi > lo:
+            raise InputError(f"hu_window needs max > min, got min={lo}, max={hi}. Fix the model's normalization.")
+        params.update(lo=lo, span=hi - lo)
+    elif kind == "zscore":
+        vals = _finite_values(a)
+        if vals.size == 0:
+            raise InputError("The image has no finite voxel (all NaN/Inf): check the file or its rescaling.")
+        sd = float(vals.std())
+        params.update(lo=float(vals.mean()), span=sd if sd > 0 else 1.0)
+    elif kind != "none":
+        raise InputError(
+            f"Unknown normalization kind {kind!r}: use 'percentile', 'hu_window', 'zscore' or 'none'.")
+    return params
+
+
+def apply_normalization(part: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    """Normalise ``part`` (the whole image or one slab of it) with :func:`normalization_parameters`' result.
+
+    Returns a new float32 array of ``part``'s shape (``part`` is not modified). Non-finite voxels go to the low
+    end of the range (``(0 - shift) / scale``; 0 for zscore/none).
+    """
+    a = np.asarray(part).astype(np.float32, copy=True)  # copy: never touch the caller's array
+    finite = np.isfinite(a)
+    all_finite = bool(finite.all())
+    kind = params["kind"]
+    if kind == "none":
+        if not all_finite:
+            a[~finite] = 0.0
+        return a
+    if kind == "zscore":
+        x = (a - np.float32(params["lo"])) / np.float32(params["span"])
+        if not all_finite:
+            x[~finite] = 0.0
+        return x.astype(np.float32, copy=False)
+    # percentile / hu_window: in place on our own float32 copy (no further full-size temporaries)
+    if not params["span"] > 0:  # constant image: everything maps to the low end, no division by zero
+        a.fill(0.0)
+    else:
+        a -= np.float32(params["lo"])
+        a /= np.float32(params["span"])
+        np.clip(a, 0.0, 1.0, out=a)
+    return _finish_unit_range(a, finite, all_finite, params["shift"], params["scale"])
+
+
 def normalize_intensity(image: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
     """Normalise an image for the network (see the module docstring for the kinds).
+
+    Equal to ``apply_normalization(image, normalization_parameters(image, normalization))``.
 
     Args:
         image: any real array, e.g. ``(Z, Y, X)`` or ``(Y, X)``; any dtype; not modified.
@@ -66,67 +161,7 @@ def normalize_intensity(image: np.ndarray, normalization: Mapping[str, Any]) -> 
     Raises:
         InputError: unknown kind, bad parameters, non-numeric or empty image.
     """
-    a = np.asarray(image)
-    if a.size == 0:
-        raise InputError("Cannot normalise an empty image: pass an image with at least one voxel.")
-    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
-        raise InputError(f"Cannot normalise an image of dtype {a.dtype}: pass a real-valued (int/float) image.")
-    kind = normalization.get("kind")
-    a = a.astype(np.float32, copy=True)  # copy: never touch the caller's array
-    finite = np.isfinite(a)
-    all_finite = bool(finite.all())
-    shift = float(normalization.get("shift", 0.5))
-    scale = float(normalization.get("scale", 0.5))
-    if kind in ("percentile", "hu_window") and not scale > 0:
-        raise InputError(f"normalization.scale must be > 0, got {scale}. Fix the model's normalization.")
-
-    if kind == "percentile":
-        lo_p = float(normalization.get("lower", 0.5))
-        hi_p = float(normalization.get("upper", 99.5))
-        if not 0 <= lo_p < hi_p <= 100:
-            raise InputError(f"Percentiles must satisfy 0 <= lower < upper <= 100, got {lo_p}, {hi_p}.")
-        vals = _finite_values(a)
-        if vals.size == 0:
-            raise InputError("The image has no finite voxel (all NaN/Inf): check the file or its rescaling.")
-        lo, hi = np.percentile(vals.astype(np.float64), [lo_p, hi_p])
-        rng = hi - lo
-        del vals
-        # In place on our own float32 copy (same float32 operations as the out-of-place form, so identical
-        # values): a large volume then needs no further full-size temporaries.
-        if not rng > 0:  # constant image: everything maps to the low end, no division by zero
-            a.fill(0.0)
-        else:
-            a -= np.float32(lo)
-            a /= np.float32(rng)
-            np.clip(a, 0.0, 1.0, out=a)
-        return _finish_unit_range(a, finite, all_finite, shift, scale)
-
-    if kind == "hu_window":
-        lo = float(normalization.get("min", -200.0))
-        hi = float(normalization.get("max", 300.0))
-        if not hi > lo:
-            raise InputError(f"hu_window needs max > min, got min={lo}, max={hi}. Fix the model's normalization.")
-        a -= np.float32(lo)
-        a /= np.float32(hi - lo)
-        np.clip(a, 0.0, 1.0, out=a)
-        return _finish_unit_range(a, finite, all_finite, shift, scale)
-
-    if kind == "zscore":
-        vals = _finite_values(a).astype(np.float64)
-        if vals.size == 0:
-            raise InputError("The image has no finite voxel (all NaN/Inf): check the file or its rescaling.")
-        mu, sd = vals.mean(), vals.std()
-        x = (a - np.float32(mu)) / np.float32(sd if sd > 0 else 1.0)
-        if not all_finite:
-            x[~finite] = 0.0
-        return x.astype(np.float32, copy=False)
-
-    if kind == "none":
-        if not all_finite:
-            a[~finite] = 0.0
-        return a
-
-    raise InputError(f"Unknown normalization kind {kind!r}: use 'percentile', 'hu_window', 'zscore' or 'none'.")
+    return apply_normalization(image, normalization_parameters(image, normalization))
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
