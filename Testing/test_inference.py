@@ -357,3 +357,24 @@ def test_probabilities_can_be_skipped_to_save_memory(asoct):
     assert lean.probabilities is None and lean.num_classes == 4
     np.testing.assert_array_equal(lean.labels, full.labels)
     np.testing.assert_array_equal(lean.confidence, full.confidence)
+
+
+@pytest.mark.parametrize("normalization", [
+    {"kind": "percentile", "lower": 0.5, "upper": 99.5}, {"kind": "hu_window", "min": -200, "max": 300},
+    {"kind": "zscore"}, {"kind": "none"}])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64])
+def test_slab_normalisation_equals_whole_volume_normalisation(normalization, dtype) -> None:
+    """Big B-scan stacks are normalised slab by slab with whole-volume statistics: the values must not change."""
+    from LensSegCalibLib.preprocessing import apply_normalization, normalization_parameters, normalize_intensity
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 80, (7, 33, 41)).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        image[2, 5, :3] = [np.nan, np.inf, -np.inf]  # non-finite voxels go to the low end either way
+    before = image.copy()
+    whole = normalize_intensity(image, normalization)
+    params = normalization_parameters(image, normalization)
+    slabs = np.concatenate([apply_normalization(image[z:z + 3], params) for z in range(0, 7, 3)])
+    np.testing.assert_array_equal(slabs, whole)
+    np.testing.assert_array_equal(image, before)
+    assert whole.dtype == np.float32 and np.all(np.isfinite(whole))
