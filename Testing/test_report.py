@@ -48,8 +48,16 @@ def _case(seed: int = 0) -> tuple[Prediction, np.ndarray, np.ndarray]:
     return pred, ref, image
 
 
-def test_prediction_only_fields_match_direct_computation():
+@pytest.mark.parametrize("maps_dtype", [np.float32, np.float16])  # float16 = what the segmenter gives
+@pytest.mark.parametrize("slab_rows", [None, 1])  # 1: the band and the statistics streamed one row at a time
+def test_prediction_only_fields_match_direct_computation(maps_dtype, slab_rows, monkeypatch):
+    from LensSegCalibLib import heatmaps
+
+    if slab_rows is not None:
+        monkeypatch.setattr(heatmaps, "_BAND_SLAB_VOXELS", slab_rows * 30 * 34)
     pred, _, _ = _case()
+    pred.confidence = pred.confidence.astype(maps_dtype)
+    pred.entropy = pred.entropy.astype(maps_dtype)
     rep = calibration_report(pred, SPACING)
     assert [s.key for s in rep.segments] == ["capsule", "nucleus"]
     for seg in rep.segments:
@@ -68,6 +76,7 @@ def test_prediction_only_fields_match_direct_computation():
         assert seg.band_mean_confidence == pytest.approx(pred.confidence[band].mean(dtype=np.float64), abs=1e-12)
         assert math.isnan(seg.dice) and seg.reliability is None  # no reference, no reference numbers
         assert sum(seg.confidence_histogram) == seg.voxels
+        assert seg.confidence_histogram == np.histogram(conf, bins=np.linspace(0, 1, 21))[0].tolist()
 
 
 def test_reference_numbers_equal_metrics_on_the_same_arrays():

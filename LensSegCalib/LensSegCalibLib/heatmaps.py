@@ -134,14 +134,17 @@ def default_sigma_mm(spacing: Sequence[float]) -> float:
     return 2.0 * float(min(spacing))
 
 
-def boundary_band_slabs(labels: object, spacing: Sequence[float] | None,
-                        band_mm: float | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+def boundary_band_slabs(labels: object, spacing: Sequence[float] | None, band_mm: float | None = None, *,
+                        value: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """The band of :func:`boundary_band_mask` one slab at a time: yields ``(rows, mask)`` pairs.
 
     ``rows`` is a slice of axis 0 and ``mask`` the bool band of those rows (shape ``(rows, *S[1:])``); the slabs
     tile axis 0 in order. Each slab is computed with a halo of ``band_mm`` (+1 voxel for the interface test), so
     it is exactly that part of the whole-volume band while the distance transform's memory (~20 bytes per voxel)
     stays bounded by the slab size. Small or 2D inputs come as one slab.
+
+    ``value``: the band of one segment only (the interfaces of the binary mask ``labels == value``), without
+    a full-size copy of that mask.
     """
     from .metrics import boundary_band
 
@@ -152,14 +155,17 @@ def boundary_band_slabs(labels: object, spacing: Sequence[float] | None,
         raise InputError(f"band_mm must be a finite value >= 0 mm; got {band_mm!r}.")
     per_row = int(np.prod(lab.shape[1:], dtype=np.int64))
     rows = max(1, _BAND_SLAB_VOXELS // max(per_row, 1))
+    def select(part: np.ndarray) -> np.ndarray:
+        return part if value is None else (part == value).view(np.uint8)
+
     if lab.ndim < 3 or lab.shape[0] <= rows:
-        yield slice(0, lab.shape[0]), np.asarray(boundary_band(lab, spacing_t, band), dtype=bool)
+        yield slice(0, lab.shape[0]), np.asarray(boundary_band(select(lab), spacing_t, band), dtype=bool)
         return
     halo = int(np.ceil(band / spacing_t[0])) + 1  # band reach along axis 0, +1 so halo voxels see neighbours
     for z0 in range(0, lab.shape[0], rows):
         z1 = min(z0 + rows, lab.shape[0])
         lo, hi = max(z0 - halo, 0), min(z1 + halo, lab.shape[0])
-        part = np.asarray(boundary_band(lab[lo:hi], spacing_t, band), dtype=bool)
+        part = np.asarray(boundary_band(select(lab[lo:hi]), spacing_t, band), dtype=bool)
         yield slice(z0, z1), part[z0 - lo:z1 - lo]
 
 

@@ -187,13 +187,63 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _stats(values: np.ndarray) -> tuple[float, float, float, float, float]:
-    """mean, median, P5, fraction < 0.5, fraction < 0.9 of confidences (NaN for an empty segment)."""
-    if values.size == 0:
-        return (math.nan,) * 5
-    v = values.astype(np.float64, copy=False)
-    p50, p5 = np.percentile(v, [50, 5])
-    return float(v.mean()), float(p50), float(p5), float((v < 0.5).mean()), float((v < 0.9).mean())
+class _ConfidenceValues:
+    """Collects one segment's confidences slab by slab and gives the report's statistics of all of them.
+
+    float16 confidences (what the segmenter produces) are counted per bit pattern (65,536 counters), which
+    holds all of them exactly in 512 KiB whatever the volume; other dtypes keep the values themselves.
+    The statistics equal those of the concatenated values (``np.percentile``'s linear rule; ``np.histogram``).
+    """
+
+    def __init__(self) -> None:
+        self._counts: np.ndarray | None = None  # float16 bit-pattern counts
+        self._parts: list[np.ndarray] = []
+
+    def add(self, values: np.ndarray) -> None:
+        if values.dtype == np.float16:
+            counts = np.bincount(values.view(np.uint16), minlength=1 << 16)
+            self._counts = counts if self._counts is None else self._counts + counts
+        else:
+            self._parts.append(values.astype(np.float64))
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted distinct values (float64) and their counts."""
+        values, counts = [], []
+        if self._counts is not None:
+            bits = np.flatnonzero(self._counts)
+            values.append(bits.astype(np.uint16).view(np.float16).astype(np.float64))
+            counts.append(self._counts[bits])
+        if self._parts:
+            v, c = np.unique(np.concatenate(self._parts), return_counts=True)
+            values.append(v)
+            counts.append(c)
+        if not values:
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        v, c = np.concatenate(values), np.concatenate(counts).astype(np.int64)
+        order = np.argsort(v, kind="stable")
+        return v[order], c[order]
+
+    def stats(self, edges: np.ndarray) -> tuple[tuple[float, float, float, float, float], list[int]]:
+        """(mean, median, P5, fraction < 0.5, fraction < 0.9) and the histogram over ``edges``; NaN when empty."""
+        v, c = self._table()
+        n = int(c.sum())
+        if n == 0:
+            return (math.nan,) * 5, [0] * (len(edges) - 1)
+        cum = np.cumsum(c)
+
+        def order_statistic(k: int) -> float:  # k-th smallest (0-based)
+            return float(v[int(np.searchsorted(cum, k, side="right"))])
+
+        def percentile(q: float) -> float:  # numpy's default 'linear' method
+            pos = q / 100.0 * (n - 1)
+            k = int(math.floor(pos))
+            lo, hi = order_statistic(k), order_statistic(min(k + 1, n - 1))
+            return float(np.percentile(np.array([lo, hi]), 100.0 * (pos - k)))
+
+        below = lambda t: float(c[v < t].sum() / n)  # noqa: E731
+        mean = float(np.dot(v, c) / n)
+        hist = np.histogram(v, bins=edges, weights=c)[0]
+        return (mean, percentile(50), percentile(5), below(0.5), below(0.9)), [int(h) for h in hist]
 
 
 def _preview(prediction: "Prediction", image: np.ndarray | None, reference: np.ndarray | None,
@@ -294,22 +344,28 @@ def calibration_report(
         value = int(cls["value"])
         if value == 0:
             continue
-        mask = labels == value
-        values = conf[mask]
-        mean, median, p5, below5, below9 = _stats(values)
-        # the heat maps' band helper: the same band as metrics.boundary_band, streamed in slabs for big volumes
-        seg_band = heatmaps.boundary_band_mask(mask.view(np.uint8), spacing_t, band) if mask.any() \
-            else np.zeros(labels.shape, dtype=bool)
-        nb = int(seg_band.sum())
+        # One pass of slabs per segment (the heat maps' band helper: the BECE band, streamed with a halo), so a
+        # big volume never needs a full-size mask, band or copy of its confidences.
+        values = _ConfidenceValues()
+        voxels = nb = 0
+        band_conf = band_ent = 0.0
+        for rows, seg_band in heatmaps.boundary_band_slabs(labels, spacing_t, band, value=value):
+            inside = labels[rows] == value
+            values.add(conf[rows][inside])
+            voxels += int(np.count_nonzero(inside))
+            nb += int(np.count_nonzero(seg_band))
+            band_conf += float(conf[rows][seg_band].sum(dtype=np.float64))
+            band_ent += float(ent[rows][seg_band].sum(dtype=np.float64))
+        (mean, median, p5, below5, below9), histogram = values.stats(edges)
         row = SegmentReport(
             value=value, key=str(cls.get("key", value)), name=str(name),
             color=tuple(int(c) for c in cls.get("color", (128, 128, 128))),  # type: ignore[arg-type]
-            voxels=int(mask.sum()), volume_ml=float(mask.sum()) * voxel_ml,
+            voxels=voxels, volume_ml=voxels * voxel_ml,
             mean_confidence=mean, median_confidence=median, p5_confidence=p5,
             fraction_below_0_5=below5, fraction_below_0_9=below9, band_voxels=nb,
-            band_mean_confidence=float(conf[seg_band].mean(dtype=np.float64)) if nb else math.nan,
-            band_mean_entropy=float(ent[seg_band].mean(dtype=np.float64)) if nb else math.nan,
-            confidence_histogram=np.histogram(values, bins=edges)[0].astype(int).tolist(),
+            band_mean_confidence=band_conf / nb if nb else math.nan,
+            band_mean_entropy=band_ent / nb if nb else math.nan,
+            confidence_histogram=histogram,
         )
         if ref_metrics is not None:
             for k, v in ref_metrics["segments"][value].items():
@@ -320,7 +376,7 @@ def calibration_report(
 
     summary: dict[str, Any] = {
         "voxels": int(labels.size),
-        "foreground_voxels": int((labels > 0).sum()),
+        "foreground_voxels": int(np.count_nonzero(labels)),
         "mean_confidence": float(conf.mean(dtype=np.float64)) if conf.size else math.nan,
         "mean_entropy": float(ent.mean(dtype=np.float64)) if ent.size else math.nan,
         "band_mm": band,
