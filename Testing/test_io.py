@@ -46,7 +46,10 @@ def test_ijk_to_lps_maps_voxel_indices_like_simpleitk():
     np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]])
 
 
-def test_segmentation_round_trip_has_names_colours_and_labels(tmp_path: Path):
+@pytest.mark.parametrize("slab_values", [None, 6 * 7])  # 6 * 7: extents reduced one k-slice at a time
+def test_segmentation_round_trip_has_names_colours_and_labels(tmp_path: Path, monkeypatch, slab_values):
+    if slab_values:
+        monkeypatch.setattr(io, "_WRITE_SLAB_VALUES", slab_values)
     import slicerio
 
     labels = np.zeros((3, 6, 7), np.uint8)
@@ -73,6 +76,9 @@ def test_segmentation_round_trip_has_names_colours_and_labels(tmp_path: Path):
     assert names["Lens nucleus"]["terminology"]["type"][1] == "78076003"
     seg = slicerio.read_segmentation(str(path))  # Slicer's own reader sees the same label values
     assert sorted(s["labelValue"] for s in seg["segments"]) == [1, 2, 3]
+    # Slicer's per-segment extent (IJK: i = x, j = y, k = z, inclusive), computed slab by slab
+    extents = {s["labelValue"]: s["extent"] for s in seg["segments"]}
+    assert extents == {1: [1, 1, 4, 4, 2, 2], 2: [2, 4, 1, 3, 1, 1], 3: [3, 3, 2, 2, 1, 1]}
 
 
 def test_existing_output_is_never_overwritten_without_being_asked(tmp_path: Path):
@@ -89,13 +95,38 @@ def test_existing_output_is_never_overwritten_without_being_asked(tmp_path: Path
 
 
 def test_full_disk_leaves_no_partial_file(tmp_path: Path, monkeypatch):
+    """SimpleITK writer (MHA) and the streamed NRRD writer both die half-way: no file, a clear error."""
     def failing_write(image, name, *args):
         Path(name).write_bytes(b"half")  # a writer that dies half-way
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(sitk, "WriteImage", failing_write)
     with pytest.raises(OutputError, match="disk is full"):
-        io.write_volume(tmp_path / "x.nrrd", np.zeros((2, 2, 2), np.float32), io.Geometry((1, 1, 1)))
+        io.write_volume(tmp_path / "x.mha", np.zeros((2, 2, 2), np.float32), io.Geometry((1, 1, 1)))
+    assert list(tmp_path.iterdir()) == []
+
+    real_open = open
+
+    class FillsUp:  # the header fits, the first slab of voxels does not
+        def __init__(self, *args, **kwargs):
+            self._fh = real_open(*args, **kwargs)
+            self._writes = 0
+
+        def write(self, data):
+            self._writes += 1
+            if self._writes > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+    monkeypatch.setattr(io, "open", FillsUp, raising=False)
+    with pytest.raises(OutputError, match="disk is full"):
+        io.write_volume(tmp_path / "x.nrrd", np.zeros((4, 5, 6), np.float16), io.Geometry((1, 1, 1)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -174,5 +205,36 @@ def test_itk_write_error_on_a_full_disk_says_disk_full(tmp_path: Path, monkeypat
     monkeypatch.setattr(sitk, "WriteImage", itk_failure)
     monkeypatch.setattr(io.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     with pytest.raises(OutputError, match="disk is full"):
-        io.write_volume(tmp_path / "x.nrrd", np.zeros((2, 2, 2), np.float32), io.Geometry((1, 1, 1)))
+        io.write_volume(tmp_path / "x.mha", np.zeros((2, 2, 2), np.float32), io.Geometry((1, 1, 1)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_nrrd_equals_the_simpleitk_file_for_an_oblique_volume(tmp_path: Path, monkeypatch):
+    """3D .nrrd files are written slab by slab (big volumes); ITK, pynrrd and slicerio must read exactly what the
+    whole-array SimpleITK writer would have written: voxels (float16 -> float32, NaN -> fill) and geometry."""
+    import nrrd
+
+    monkeypatch.setattr(io, "_WRITE_SLAB_VALUES", 7 * 9)  # one row per slab: 5 slabs
+    rotation = np.array([[0.0, -0.6, 0.8], [1.0, 0.0, 0.0], [0.0, 0.8, 0.6]])
+    geometry = io.Geometry((2.5, 0.4, 0.3), (-12.5, 30.25, 7.0), tuple(rotation.ravel()))
+    rng = np.random.default_rng(5)
+    array = rng.random((5, 9, 7)).astype(np.float16)
+    array[1, 2, 3] = np.nan
+    before = array.copy()
+    for compress in (True, False):
+        streamed = io.write_volume(tmp_path / f"s{compress}.nrrd", array, geometry, compress=compress, nan_fill=0.0)
+        expected = np.nan_to_num(array.astype(np.float32), nan=0.0)
+        whole = io.write_volume(tmp_path / f"w{compress}.mha", expected, geometry, compress=compress)
+        a, b = io.read_image(streamed), io.read_image(whole)
+        assert a.array.dtype == np.float32
+        np.testing.assert_array_equal(a.array, expected)
+        np.testing.assert_array_equal(a.array, b.array)
+        np.testing.assert_allclose(a.geometry.spacing, b.geometry.spacing, rtol=1e-12)
+        np.testing.assert_allclose(a.geometry.origin, b.geometry.origin, rtol=1e-12)
+        np.testing.assert_allclose(a.geometry.direction, b.geometry.direction, atol=1e-12)
+        data, header = nrrd.read(str(streamed))  # pynrrd (what slicerio uses): IJK order
+        np.testing.assert_array_equal(data.transpose(2, 1, 0), expected)
+        assert header["space"] == "left-posterior-superior"
+    np.testing.assert_array_equal(array, before)  # the caller's array is untouched (NaN stays NaN)
+    kept = io.read_image(io.write_volume(tmp_path / "nan.nrrd", array, geometry)).array  # no fill: NaN kept
+    assert np.isnan(kept[1, 2, 3]) and np.isfinite(np.delete(kept.ravel(), 1 * 63 + 2 * 7 + 3)).all()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InputError, OutputError
 
@@ -395,6 +396,54 @@ def _sitk_from_array(array: np.ndarray, geometry: Geometry) -> Any:
     return image
 
 
+#: NRRD type names of the dtypes the streamed writer handles.
+_NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16": "ushort", "int32": "int",
+               "uint32": "uint", "int64": "longlong", "uint64": "ulonglong", "float32": "float", "float64": "double"}
+#: Values per slab of the streamed writer (16 MiB of float32).
+_WRITE_SLAB_VALUES = 1 << 22
+
+
+def _nrrd_vector(values: Sequence[float]) -> str:
+    return "(" + ",".join(repr(float(v)) for v in values) + ")"
+
+
+def _write_nrrd_streamed(path: Path, array: np.ndarray, geometry: Geometry, dtype: np.dtype, nan_fill: float | None,
+                         compress: bool) -> None:
+    """Write a 3D ``(Z, Y, X)`` array as NRRD slab by slab: no full-size converted copy is ever made.
+
+    Header fields as Slicer and ITK write them (LPS space, space directions = direction columns x spacing,
+    little-endian, gzip level 1 or raw). The C-order bytes of a ``(Z, Y, X)`` array are exactly NRRD's order
+    (fastest axis first = i = x), so each slab is converted and appended as it comes.
+    """
+    m = geometry.ijk_to_lps()
+    header = [
+        "NRRD0004",
+        "# written by LensSegCalib (streamed)",
+        f"type: {_NRRD_TYPES[dtype.name]}",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        "sizes: " + " ".join(str(n) for n in array.shape[::-1]),
+        "space directions: " + " ".join(_nrrd_vector(m[:3, j]) for j in range(3)),
+        "kinds: domain domain domain",
+        "endian: little",
+        f"encoding: {'gzip' if compress else 'raw'}",
+        "space origin: " + _nrrd_vector(m[:3, 3]),
+    ]
+    per_row = max(1, int(np.prod(array.shape[1:], dtype=np.int64)))
+    rows = max(1, _WRITE_SLAB_VALUES // per_row)
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # wbits 31: gzip container
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(header) + "\n\n").encode("ascii"))
+        for z0 in range(0, array.shape[0], rows):
+            slab = np.asarray(array[z0:z0 + rows]).astype(dtype.newbyteorder("<"), copy=True)
+            if nan_fill is not None and slab.dtype.kind == "f":
+                np.nan_to_num(slab, copy=False, nan=nan_fill)
+            data = memoryview(np.ascontiguousarray(slab)).cast("B")
+            fh.write(packer.compress(data) if packer is not None else data)
+        if packer is not None:
+            fh.write(packer.flush())
+
+
 def write_volume(
     path: str | os.PathLike,
     array: np.ndarray,
@@ -402,24 +451,74 @@ def write_volume(
     *,
     overwrite: bool = False,
     compress: bool = True,
+    dtype: npt.DTypeLike | None = None,
+    nan_fill: float | None = None,
 ) -> Path:
     """Write a scalar volume (array-axis order) with its geometry to NRRD/NIfTI/MHA, atomically.
 
+    Args:
+        path: output file; the suffix picks the format. A 3D ``.nrrd`` is written slab by slab (constant memory
+            whatever the volume); other formats go through SimpleITK.
+        array: ``(Z, Y, X)`` or ``(Y, X)`` voxels (any real dtype, e.g. the segmenter's float16 maps).
+        geometry: spacing/origin/direction of the array.
+        overwrite: replace an existing file (otherwise OutputError).
+        compress: gzip the voxels.
+        dtype: voxel type of the file (default: the array's; float16 becomes float32, which NRRD and VTK need).
+        nan_fill: value written for NaN voxels (e.g. 0 for a Slicer layer); None keeps NaN.
+
     Returns the final path. Raises OutputError (exists, unwritable, disk full).
     """
+    arr = array if isinstance(array, np.ndarray) else np.asarray(array)
+    out_dtype = np.dtype(dtype) if dtype is not None else (np.dtype(np.float32) if arr.dtype == np.float16
+                                                           else arr.dtype)
+    if arr.ndim != geometry.ndim:
+        raise InputError(f"Array has {arr.ndim} dimensions but the geometry has {geometry.ndim}.")
+    streamed = arr.ndim == 3 and full_suffix(Path(path)) == ".nrrd" and out_dtype.name in _NRRD_TYPES
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if streamed:
+            _write_nrrd_streamed(tmp, arr, geometry, out_dtype, nan_fill, compress)
+        else:
+            _write_sitk(tmp, arr, geometry, out_dtype, nan_fill, compress)
+    return Path(path)
+
+
+def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry, dtype: np.dtype, nan_fill: float | None,
+                compress: bool) -> None:
+    """Whole-array write through SimpleITK (2D images, NIfTI, MHA)."""
     import SimpleITK as sitk
 
-    image = _sitk_from_array(np.asarray(array), geometry)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        try:
-            sitk.WriteImage(image, str(tmp), compress)
-        except RuntimeError as exc:
-            # ITK reports a full disk as a generic write error: tell the two apart by the free space left.
-            if shutil.disk_usage(tmp.parent).free < max(np.asarray(array).nbytes // 4, 1 << 20):
-                raise OSError(errno.ENOSPC, "No space left on device") from exc
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            raise OSError(errno.EIO, f"SimpleITK could not write the file ({lines[0] if lines else exc})") from exc
-    return Path(path)
+    converted = array.astype(dtype, copy=False)
+    if nan_fill is not None and converted.dtype.kind == "f" and np.isnan(converted).any():
+        converted = np.nan_to_num(converted, nan=nan_fill)  # a copy: the caller's array stays as it was
+    image = _sitk_from_array(converted, geometry)
+    try:
+        sitk.WriteImage(image, str(path), compress)
+    except RuntimeError as exc:
+        # ITK reports a full disk as a generic write error: tell the two apart by the free space left.
+        if shutil.disk_usage(path.parent).free < max(converted.nbytes // 4, 1 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device") from exc
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise OSError(errno.EIO, f"SimpleITK could not write the file ({lines[0] if lines else exc})") from exc
+
+
+def _label_extent(labels: np.ndarray, value: int) -> list[int] | None:
+    """IJK extent ``[i_min, i_max, j_min, j_max, k_min, k_max]`` of ``labels == value`` (None when absent).
+
+    Reduced slab by slab along k: one bool slab at a time instead of ``np.nonzero``'s three int64 index arrays
+    (24 bytes per segment voxel on a big volume).
+    """
+    per_row = max(1, int(np.prod(labels.shape[1:], dtype=np.int64)))
+    rows = max(1, _WRITE_SLAB_VALUES // per_row)
+    k_hits, j_any, i_any = [], np.zeros(labels.shape[1], bool), np.zeros(labels.shape[2], bool)
+    for z0 in range(0, labels.shape[0], rows):
+        mask = labels[z0:z0 + rows] == value
+        k_hits.extend(z0 + np.flatnonzero(mask.any(axis=(1, 2))))
+        j_any |= mask.any(axis=(0, 2))
+        i_any |= mask.any(axis=(0, 1))
+    if not k_hits:
+        return None
+    i, j = np.flatnonzero(i_any), np.flatnonzero(j_any)
+    return [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k_hits[0]), int(k_hits[-1])]
 
 
 def write_segmentation(
@@ -461,17 +560,12 @@ def write_segmentation(
         terminology = cls.get("terminology")
         if terminology:
             segment["terminology"] = slicerio.segmentation.terminology_entry_from_string(terminology)
-        present = np.nonzero(labels == value)
-        if present[0].size:
-            # extent in IJK: i_min i_max j_min j_max k_min k_max
-            segment["extent"] = [
-                int(present[2].min()), int(present[2].max()),
-                int(present[1].min()), int(present[1].max()),
-                int(present[0].min()), int(present[0].max()),
-            ]
+        extent = _label_extent(labels, value)
+        if extent is not None:
+            segment["extent"] = extent
         segments.append(segment)
     segmentation = {
-        "voxels": np.ascontiguousarray(labels.astype(np.uint8).transpose(2, 1, 0)),  # KJI -> IJK
+        "voxels": np.ascontiguousarray(labels.astype(np.uint8, copy=False).transpose(2, 1, 0)),  # KJI -> IJK
         "ijkToLPS": geometry.ijk_to_lps(),
         "encoding": "gzip",
         "containedRepresentationNames": ["Binary labelmap"],

@@ -134,15 +134,14 @@ def write_case_outputs(
         return a[None] if a.ndim == 2 else a
 
     if boundary == "signed":
-        signed = report.preview.get("signed_map")
-        if signed is None:
+        boundary_map = report.preview.get("signed_map")
+        if boundary_map is None:
             raise OutputError("boundary='signed' needs a report made with a reference; use 'label_free'.")
-        boundary_map = np.asarray(signed, dtype=np.float32)
     elif boundary == "label_free":
-        boundary_map = np.asarray(prediction.boundary, dtype=np.float32)
+        boundary_map = prediction.boundary
     else:
         raise OutputError(f"boundary must be 'label_free' or 'signed', got {boundary!r}.")
-    boundary_map = np.nan_to_num(boundary_map, nan=0.0)  # Slicer layers need finite voxels; 0 = no boundary
+    boundary_map = np.asarray(boundary_map)
 
     written: list[Path] = []
 
@@ -157,9 +156,12 @@ def write_case_outputs(
             paths["report_json"].unlink(missing_ok=True)
         step("segmentation", lambda p: write_segmentation(p, vol(labels), geo, prediction.classes,
                                                           overwrite=overwrite))
-        step("confidence", lambda p: write_volume(p, vol(np.asarray(prediction.confidence, dtype=np.float32)), geo,
+        # float32 files converted slab by slab from the float16 maps (no full-size copy); NaN outside the band
+        # becomes 0 because Slicer layers need finite voxels (0 = no boundary)
+        step("confidence", lambda p: write_volume(p, vol(np.asarray(prediction.confidence)), geo, dtype=np.float32,
                                                   overwrite=overwrite))
-        step("boundary", lambda p: write_volume(p, vol(boundary_map), geo, overwrite=overwrite))
+        step("boundary", lambda p: write_volume(p, vol(boundary_map), geo, dtype=np.float32, nan_fill=0.0,
+                                                overwrite=overwrite))
         step("report_csv", lambda p: _write_text(p, report.to_csv(), overwrite))
         step("report_html", lambda p: report.to_html(p, overwrite=overwrite))
         if preview:
