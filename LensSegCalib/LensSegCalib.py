@@ -292,13 +292,21 @@ class LensSegCalibWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _publish(self, job: Any, computed: Any) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not create the result nodes."), waitCursor=True):
-            self._result = self.logic.publish(job, computed, output=p.outputSegmentation)
-            p.outputSegmentation = self._result.segmentation  # next Apply reruns into the same nodes
-            self._updateHeatmapDisplay()
-            device = computed.prediction.device
-            self._setStatus(_("Done in {seconds:.1f} s on {device}: {n} segments.").format(
-                seconds=computed.seconds, device=device, n=len(computed.report.segments)))
+        try:
+            with slicer.util.WaitCursor():
+                self._result = self.logic.publish(job, computed, output=p.outputSegmentation)
+        except Exception as error:  # any failure ends here, in a timer slot: publish left the scene as it was
+            logging.exception("LensSegCalib: creating the result nodes failed")
+            self._setStatus(_("Failed: {error} The scene was left as it was (an earlier result is kept).")
+                            .format(error=error))
+            slicer.util.errorDisplay(_("Could not create the result nodes; the scene was left as it was, an earlier "
+                                       "result in the output segmentation included.\n\n{error}").format(error=error))
+            return
+        p.outputSegmentation = self._result.segmentation  # next Apply reruns into the same nodes
+        self._updateHeatmapDisplay()
+        device = computed.prediction.device
+        self._setStatus(_("Done in {seconds:.1f} s on {device}: {n} segments.").format(
+            seconds=computed.seconds, device=device, n=len(computed.report.segments)))
 
     def _cancelRun(self) -> None:
         if self._run is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -70,6 +70,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ROLE_ATTRIBUTE = "LensSegCalib.Role"
 OUTPUT_ATTRIBUTE = "LensSegCalib.Output"
 KIND_ATTRIBUTE = "LensSegCalib.Kind"
+SLOT_ATTRIBUTE = "LensSegCalib.Slot"
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -190,7 +191,7 @@ def add_volume(array: np.ndarray, geometry: Geometry, name: str, *, existing: An
     """Scalar volume node holding a copy of ``array`` (``(K, J, I)``) on ``geometry``.
 
     Args:
-        array: 3D array in array-axis order; copied.
+        array: 3D array in array-axis order; copied. float16 (the inference maps) is stored as float32.
         geometry: ``io.Geometry`` of the array (spacing array order, LPS).
         name: node name.
         existing: a scalar volume node to update in place (a rerun) instead of adding a new one.
@@ -199,14 +200,17 @@ def add_volume(array: np.ndarray, geometry: Geometry, name: str, *, existing: An
     import slicer
 
     data = np.ascontiguousarray(array)
+    if data.dtype == np.float16:  # VTK has no half-float type: exact widening to float32
+        data = data.astype(np.float32)
     if data.ndim != 3:
         raise InputError(f"Volume arrays must be 3D (K, J, I); got shape {data.shape}.")
     if existing is None:
-        node = slicer.util.addVolumeFromArray(data.copy(), ijk_to_ras_from_geometry(geometry), name=name)
+        # (add|update)VolumeFromArray deep-copy the voxels into VTK: no copy of our own needed
+        node = slicer.util.addVolumeFromArray(data, ijk_to_ras_from_geometry(geometry), name=name)
     else:
         node = existing
         node.SetName(name)
-        slicer.util.updateVolumeFromArray(node, data.copy())
+        slicer.util.updateVolumeFromArray(node, data)
         _set_geometry(node, geometry)
     _tag(node, role, output, kind)
     return node
@@ -262,16 +266,20 @@ def update_segmentation(labels: np.ndarray, referenceVolume: Any, classes: Seque
                 segment.SetTag(segment.GetTerminologyEntryTagName(), str(terminology))
     finally:
         node.EndModify(wasModifying)
-    display = node.GetDisplayNode()
-    display.SetVisibility2DFill(True)
-    display.SetOpacity2DFill(0.3)  # predictions: light fill + outline (SLICER.md 3.2)
-    display.SetVisibility2DOutline(True)
-    display.SetSliceIntersectionThickness(2)
+    _style_segmentation_display(node.GetDisplayNode())
     if show3D:
         node.CreateClosedSurfaceRepresentation()
     _tag(node, "segmentation")
     node.SetAttribute(OUTPUT_ATTRIBUTE, node.GetID())
     return node
+
+
+def _style_segmentation_display(display: Any) -> None:
+    """Predictions: light fill + outline (SLICER.md 3.2)."""
+    display.SetVisibility2DFill(True)
+    display.SetOpacity2DFill(0.3)
+    display.SetVisibility2DOutline(True)
+    display.SetSliceIntersectionThickness(2)
 
 
 def _import_mask(mask: np.ndarray, segmentationNode: Any, segmentId: str, referenceVolume: Any) -> None:
@@ -429,7 +437,8 @@ def add_heatmap(array: np.ndarray, geometry: Geometry, kind: str, name: str, *, 
     """Float32 heatmap volume on ``geometry`` with display node, colour table, fixed window and threshold.
 
     Args:
-        array: ``(K, J, I)`` values in the kind's range. NaN = undefined (outside the boundary band): stored as
+        array: ``(K, J, I)`` values in the kind's range, any float type (float16 maps of a ``Prediction`` are
+            widened to float32: VTK has no half type). NaN = undefined (outside the boundary band): stored as
             0 (hidden by the threshold), except in the signed map, where it stays NaN (transparent).
         kind: a key of :data:`HEATMAP_STYLES`.
         name: node name, e.g. ``"<input> confidence"``.
@@ -438,13 +447,21 @@ def add_heatmap(array: np.ndarray, geometry: Geometry, kind: str, name: str, *, 
     """
     if kind not in HEATMAP_STYLES:
         raise InputError(f"Unknown heatmap kind {kind!r}; use one of {sorted(HEATMAP_STYLES)}.")
-    style = HEATMAP_STYLES[kind]
     values = np.asarray(array, dtype=np.float32)
     if kind != "boundary_signed":
-        values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+        # In place on our own float32 copy (float16 maps): one volume-sized array less; never on the caller's.
+        values = np.nan_to_num(values, copy=bool(np.may_share_memory(values, array)), nan=0.0, posinf=1.0,
+                               neginf=-1.0)
     # The signed map keeps NaN outside its band: 0 there would read as "perfectly calibrated" (white over the
     # whole image); NaN fails the display threshold test, so those voxels are transparent in the slice views.
     node = add_volume(values, geometry, name, existing=existing, role="heatmap", output=output, kind=kind)
+    _style_heatmap_display(node, kind)
+    return node
+
+
+def _style_heatmap_display(node: Any, kind: str) -> None:
+    """Display node of a heatmap volume (made if missing): colour table, fixed window, threshold of ``kind``."""
+    style = HEATMAP_STYLES[kind]
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
@@ -456,7 +473,6 @@ def add_heatmap(array: np.ndarray, geometry: Geometry, kind: str, name: str, *, 
     display.AutoThresholdOff()
     display.ApplyThresholdOn()
     display.SetThreshold(*style.threshold)
-    return node
 
 
 def show_heatmap(heatmapNode: Any, backgroundNode: Any, *, opacity: float = 0.5,
@@ -624,6 +640,8 @@ def add_reliability_chart(bins: Mapping[str, Sequence[float]], title: str, *, ou
     chart.SetYAxisRange(0.0, 1.0)
     for node, role in ((observed, "reliability-series"), (ideal, "reliability-series"), (chart, "reliability-chart")):
         _tag(node, role, output, key)
+    observed.SetAttribute(SLOT_ATTRIBUTE, "observed")  # a rerun finds the series by slot, not by (editable) name
+    ideal.SetAttribute(SLOT_ATTRIBUTE, "ideal")
     return {"table": table, "observed": observed, "ideal": ideal, "chart": chart}
 
 
@@ -631,6 +649,8 @@ def add_reliability_chart(bins: Mapping[str, Sequence[float]], title: str, *, ou
 #: Heatmaps a run publishes, in the order the GUI offers them (``"boundary"`` is signed with a reference).
 HEATMAP_MAPS = ("confidence", "boundary", "entropy")
 MAP_ATTRIBUTE = "LensSegCalib.Map"
+#: Name prefix of the hidden staging segmentation of a rerun (removed before the rerun returns).
+_STAGING_PREFIX = "__LensSegCalib_staging__"
 
 #: SegmentReport fields that are not table columns (lists / display data).
 _NOT_COLUMNS = ("value", "key", "color", "reliability", "confidence_histogram")
@@ -816,74 +836,303 @@ def _reliability_bins(reliability: Any) -> Optional[dict]:
             "count": list(counts)}
 
 
+@dataclass
+class _Parts:
+    """The nodes of one result. ``diagrams``: key (``"all"`` or a segment key) -> ``{"table", "observed",
+    "ideal", "chart"}``; ``loose``: nodes of an earlier run that belong to no complete diagram (duplicates)."""
+
+    segmentation: Any
+    heatmaps: dict = field(default_factory=dict)
+    table: Any = None
+    diagrams: dict = field(default_factory=dict)
+    loose: list = field(default_factory=list)
+
+
+def _old_parts(output: Any) -> _Parts:
+    """The nodes that an earlier run into ``output`` made (found through their bookkeeping attributes)."""
+    parts = _Parts(segmentation=output)
+    for node in find_nodes("heatmap", output=output, className="vtkMRMLScalarVolumeNode"):
+        if parts.heatmaps.setdefault(node.GetAttribute(MAP_ATTRIBUTE), node) is not node:
+            parts.loose.append(node)
+    tables = find_nodes("report", output=output, className="vtkMRMLTableNode")
+    parts.table = tables[0] if tables else None
+    parts.loose += tables[1:]
+    for role, slot in (("reliability-chart", "chart"), ("reliability-series", None), ("reliability-table", "table")):
+        for node in find_nodes(role, output=output):
+            # Series of runs before the slot attribute: told apart by the name ("... ideal").
+            name = slot or node.GetAttribute(SLOT_ATTRIBUTE) or \
+                ("ideal" if (node.GetName() or "").endswith("ideal") else "observed")
+            diagram = parts.diagrams.setdefault(node.GetAttribute(KIND_ATTRIBUTE), {})
+            if diagram.setdefault(name, node) is not node:
+                parts.loose.append(node)
+    return parts
+
+
+def _build_parts(job: SegmentationJob, computed: ComputedRun, output: Any, heatmapMaps: Sequence[str]) -> _Parts:
+    """Every node of the new result, all of them new: an earlier result in ``output`` is not touched.
+
+    For a rerun the segmentation is a hidden staging copy of ``output`` (so the user's other segments come
+    along) that :class:`_Swap` moves into ``output``; the other nodes are tagged with ``output`` already.
+    """
+    import slicer
+
+    prediction, calibration = computed.prediction, computed.report
+    if output is None:
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{job.name} lens segmentation")
+        owner = segmentation
+    else:
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                          f"{_STAGING_PREFIX} {output.GetName()}")
+        segmentation.SetHideFromEditors(True)
+        segmentation.GetSegmentation().DeepCopy(output.GetSegmentation())
+        owner = output
+    update_segmentation(prediction.labels, job.volume, prediction.classes, segmentation=segmentation)
+    parts = _Parts(segmentation=segmentation)
+    for mapName in heatmapMaps:
+        if mapName == "boundary" and computed.signed_boundary is not None:
+            array, kind = computed.signed_boundary, "boundary_signed"
+        else:
+            array, kind = getattr(prediction, mapName), mapName
+        label = "boundary calibration" if mapName == "boundary" else mapName
+        node = add_heatmap(array, job.geometry, kind, f"{job.name} {label}", output=owner)
+        node.SetAttribute(MAP_ATTRIBUTE, mapName)
+        parts.heatmaps[mapName] = node
+    parts.table = add_table(report_rows(calibration, job.reference is not None), f"{job.name} calibration report",
+                            output=owner, units=_COLUMN_UNITS, descriptions=_COLUMN_DESCRIPTIONS)
+    diagrams = [("all", "Reliability (all voxels)", calibration.summary.get("reliability"))]
+    diagrams += [(s.key, f"Reliability: {s.name}", s.reliability) for s in calibration.segments]
+    for key, title, reliability in diagrams:
+        bins = _reliability_bins(reliability)
+        if bins is not None:
+            parts.diagrams[key] = add_reliability_chart(bins, f"{job.name} {title}", output=owner, key=key)
+    return parts
+
+
+def _check_built(parts: _Parts, job: SegmentationJob, computed: ComputedRun, heatmapMaps: Sequence[str]) -> None:
+    """Refuse an incomplete new result before anything of an earlier one is replaced.
+
+    Raises:
+        OutputError: a class without segment, a heatmap missing or off the input grid, a report row missing.
+    """
+    from .errors import OutputError
+
+    segments = parts.segmentation.GetSegmentation()
+    missing = [str(c["key"]) for c in computed.prediction.classes
+               if int(c["value"]) != 0 and segments.GetSegment(str(c["key"])) is None]
+    shape = tuple(int(n) for n in job.image.shape)
+    offGrid = [name for name in heatmapMaps if name not in parts.heatmaps or
+               parts.heatmaps[name].GetImageData() is None or
+               tuple(reversed(parts.heatmaps[name].GetImageData().GetDimensions())) != shape]
+    rows, expected = parts.table.GetNumberOfRows(), len(computed.report.segments)
+    if missing or offGrid or rows != expected:
+        raise OutputError(f"The new result for '{job.name}' came out incomplete (segments missing: {missing}; "
+                          f"heatmaps missing or off the input grid: {offGrid}; report rows: {rows} of {expected}), "
+                          "so the scene was left as it was. Run again; if it repeats, report it with the Python "
+                          "console log.")
+
+
+class _Swap:
+    """Moves a built result into the nodes of an earlier one (their IDs stay), with an undo log.
+
+    Each step re-points a data object (segmentation, image data, table) or copies a few properties: nothing
+    voxel-sized is allocated, so nothing runs out of memory half-way. If a step fails, :meth:`undo` puts the
+    saved objects and properties back, newest first, and the earlier result is as it was.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list = []
+
+    def _save_name_and_attributes(self, node: Any) -> None:
+        name = node.GetName()
+        attributes = {key: node.GetAttribute(key) for key in node.GetAttributeNames()}
+
+        def restore() -> None:
+            node.SetName(name)
+            for key in node.GetAttributeNames():
+                if key not in attributes:
+                    node.RemoveAttribute(key)
+            for key, value in attributes.items():
+                node.SetAttribute(key, value)
+
+        self._undo.append(restore)
+
+    def _save_content(self, node: Any) -> None:
+        """Properties of a small node (display, plot series, chart); references (e.g. to a table) are not content."""
+        saved = node.CreateNodeInstance()
+        saved.CopyContent(node)
+        self._undo.append(lambda: node.CopyContent(saved))
+
+    @staticmethod
+    def _take_name_and_attributes(old: Any, new: Any) -> None:
+        old.SetName(new.GetName())
+        for key in new.GetAttributeNames():
+            old.SetAttribute(key, new.GetAttribute(key))
+
+    def segmentation(self, old: Any, new: Any) -> None:
+        """``old`` gets ``new``'s segments (the staging copy: the user's other segments are in it too)."""
+        import slicer
+
+        self._save_name_and_attributes(old)
+        if old.GetDisplayNode() is not None:
+            self._save_content(old.GetDisplayNode())
+        segmentation = old.GetSegmentation()
+        self._undo.append(lambda: old.SetAndObserveSegmentation(segmentation))
+        old.SetAndObserveSegmentation(new.GetSegmentation())
+        new.SetAndObserveSegmentation(slicer.vtkSegmentation())  # the staging node goes; the segments stay
+        if old.GetDisplayNode() is None:
+            old.CreateDefaultDisplayNodes()  # a new node: removed with the other new ones on failure
+        _style_segmentation_display(old.GetDisplayNode())
+        _tag(old, "segmentation")
+        old.SetAttribute(OUTPUT_ATTRIBUTE, old.GetID())
+
+    def volume(self, old: Any, new: Any) -> None:
+        """Heatmap ``old`` gets ``new``'s voxels, grid, name, kind and display style."""
+        import vtk
+
+        self._save_name_and_attributes(old)
+        if old.GetDisplayNode() is not None:
+            self._save_content(old.GetDisplayNode())
+        image, matrix = old.GetImageData(), vtk.vtkMatrix4x4()
+        old.GetIJKToRASMatrix(matrix)
+
+        def restore() -> None:
+            old.SetIJKToRASMatrix(matrix)
+            old.SetAndObserveImageData(image)
+
+        self._undo.append(restore)
+        newMatrix = vtk.vtkMatrix4x4()
+        new.GetIJKToRASMatrix(newMatrix)
+        old.SetIJKToRASMatrix(newMatrix)
+        old.SetAndObserveImageData(new.GetImageData())
+        new.SetAndObserveImageData(None)
+        self._take_name_and_attributes(old, new)
+        _style_heatmap_display(old, new.GetAttribute(KIND_ATTRIBUTE))
+
+    def table(self, old: Any, new: Any) -> None:
+        """Table ``old`` gets ``new``'s rows, columns, units and descriptions (the schema)."""
+        import vtk
+
+        self._save_name_and_attributes(old)
+        table, schema, header = old.GetTable(), old.GetSchema(), old.GetUseColumnTitleAsColumnHeader()
+
+        def restore() -> None:
+            old.SetAndObserveTable(table)
+            old.SetAndObserveSchema(schema)
+            old.SetUseColumnTitleAsColumnHeader(header)
+
+        self._undo.append(restore)
+        old.SetAndObserveTable(new.GetTable())
+        old.SetAndObserveSchema(new.GetSchema())
+        old.SetUseColumnTitleAsColumnHeader(new.GetUseColumnTitleAsColumnHeader())
+        new.SetAndObserveTable(vtk.vtkTable())
+        new.SetAndObserveSchema(vtk.vtkTable())
+        self._take_name_and_attributes(old, new)
+
+    def plot(self, old: Any, new: Any) -> None:
+        """Plot series or chart ``old`` gets ``new``'s properties; it keeps pointing at the old table/series."""
+        self._save_name_and_attributes(old)
+        self._save_content(old)
+        old.CopyContent(new)
+        self._take_name_and_attributes(old, new)
+
+    def undo(self) -> None:
+        """Restore everything saved, newest first; a failing step does not stop the others."""
+        import logging
+
+        while self._undo:
+            restore = self._undo.pop()
+            try:
+                restore()
+            except Exception:  # keep restoring the rest; the caller re-raises the original error
+                logging.exception("LensSegCalib: could not restore part of the earlier result")
+
+
+def _swap_in(swap: _Swap, old: _Parts, new: _Parts) -> tuple:
+    """Move ``new`` into ``old``'s nodes where it has a counterpart; keep new nodes where it has none.
+
+    Returns:
+        ``(parts, emptied, stale)``: the result's nodes; the staging nodes that gave their content away; the
+        earlier nodes the result no longer has (diagrams without numbers now, incomplete or duplicate ones).
+    """
+    swap.segmentation(old.segmentation, new.segmentation)
+    parts, emptied = _Parts(segmentation=old.segmentation), [new.segmentation]
+    for name, node in new.heatmaps.items():
+        previous = old.heatmaps.get(name)
+        if previous is not None:
+            swap.volume(previous, node)
+            emptied.append(node)
+        parts.heatmaps[name] = previous or node
+    if old.table is not None:
+        swap.table(old.table, new.table)
+        emptied.append(new.table)
+    parts.table = old.table or new.table
+    for key, nodes in new.diagrams.items():
+        previous = old.diagrams.get(key, {})
+        if set(previous) != set(nodes):  # none, or one whose nodes the user deleted: the new nodes stay
+            parts.diagrams[key] = nodes
+            continue
+        swap.table(previous["table"], nodes["table"])
+        for slot in ("observed", "ideal", "chart"):
+            swap.plot(previous[slot], nodes[slot])
+        parts.diagrams[key] = previous
+        emptied += [nodes["chart"], nodes["observed"], nodes["ideal"], nodes["table"]]
+    kept = {node.GetID() for nodes in parts.diagrams.values() for node in nodes.values()}
+    stale = [node for nodes in old.diagrams.values() for node in nodes.values() if node.GetID() not in kept]
+    return parts, emptied, stale + old.loose
+
+
+def _node_ids() -> set:
+    import slicer
+
+    nodes = slicer.mrmlScene.GetNodes()
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def _remove_nodes_added_since(before: set) -> None:
+    """Remove every node added to the scene since ``before`` (node IDs), newest first; singletons stay.
+
+    Catches what a failing step made before it could hand it back: its own nodes, display nodes, temporary
+    label maps, the signed-gap colour table of a first signed map.
+    """
+    import slicer
+
+    nodes = slicer.mrmlScene.GetNodes()
+    added = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    remove_nodes(reversed([n for n in added if n.GetID() not in before and not n.GetSingletonTag()]))
+
+
 def publish_job(job: SegmentationJob, computed: ComputedRun, *, output: Any = None,
                 heatmapMaps: Sequence[str] = HEATMAP_MAPS) -> SegmentationResult:
     """Create (or, with ``output``, update) the result nodes; all or nothing.
 
-    With ``output`` (a segmentation node of an earlier run, or any segmentation node) its segments with the
-    model's keys are replaced and the heatmaps/table/charts of that output are updated in place, so a rerun
-    never duplicates nodes. If anything fails, the nodes made by this call are removed again.
+    Every node of the new result is built first, as new nodes, and checked (:func:`_check_built`); an earlier
+    result is not touched meanwhile. Without ``output`` these nodes are the result. With ``output`` (the
+    segmentation node of an earlier run, or any segmentation node) they are then moved into the earlier run's
+    nodes in one short step (:class:`_Swap`: same node IDs, no duplicates; the user's other segments stay).
+    If anything fails, building or swapping, the swap is undone and every node this call added is removed: the
+    scene, the earlier result included, is as it was. Diagrams of the earlier run that this run has no numbers
+    for (e.g. the reference was dropped) are removed last, once the new result is complete.
     """
-    prediction, calibration = computed.prediction, computed.report
-    created: list = []
-
-    def track(node: Any, existed: bool) -> Any:
-        if not existed:
-            created.append(node)
-        return node
-
+    before = _node_ids()
+    swap = _Swap()
     try:
-        segmentation = track(update_segmentation(prediction.labels, job.volume, prediction.classes,
-                                                 segmentation=output, name=f"{job.name} lens segmentation"),
-                             output is not None)
-        heatmaps = {}
-        for mapName in heatmapMaps:
-            if mapName == "boundary" and computed.signed_boundary is not None:
-                array, kind = computed.signed_boundary, "boundary_signed"
-            else:
-                array, kind = getattr(prediction, mapName), mapName
-            old = next(iter(n for n in find_nodes("heatmap", output=segmentation,
-                                                  className="vtkMRMLScalarVolumeNode")
-                            if n.GetAttribute(MAP_ATTRIBUTE) == mapName), None)
-            label = "boundary calibration" if mapName == "boundary" else mapName
-            node = track(add_heatmap(array, job.geometry, kind, f"{job.name} {label}", output=segmentation,
-                                     existing=old), old is not None)
-            node.SetAttribute(MAP_ATTRIBUTE, mapName)
-            heatmaps[mapName] = node
-        withReference = job.reference is not None
-        oldTable = next(iter(find_nodes("report", output=segmentation, className="vtkMRMLTableNode")), None)
-        table = track(add_table(report_rows(calibration, withReference), f"{job.name} calibration report",
-                                existing=oldTable, output=segmentation, units=_COLUMN_UNITS,
-                                descriptions=_COLUMN_DESCRIPTIONS), oldTable is not None)
-        plots = []
-        diagrams = [("all", "Reliability (all voxels)", calibration.summary.get("reliability"))]
-        diagrams += [(s.key, f"Reliability: {s.name}", s.reliability) for s in calibration.segments]
-        wanted = set()
-        for key, title, reliability in diagrams:
-            bins = _reliability_bins(reliability)
-            if bins is None:
-                continue
-            wanted.add(key)
-            old = {}
-            for role, slot in (("reliability-chart", "chart"), ("reliability-series", None),
-                               ("reliability-table", "table")):
-                for node in find_nodes(role, output=segmentation, kind=key):
-                    name = slot or ("ideal" if node.GetName().endswith("ideal") else "observed")
-                    old[name] = node
-            nodes = add_reliability_chart(bins, f"{job.name} {title}", output=segmentation, key=key, existing=old)
-            for slot, node in nodes.items():
-                track(node, old.get(slot) is node)
-            plots.append(nodes["chart"])
-        # Diagrams of an earlier run that this run has no numbers for (e.g. reference dropped): remove.
-        for role in ("reliability-chart", "reliability-series", "reliability-table"):
-            stale = [n for n in find_nodes(role, output=segmentation) if n.GetAttribute(KIND_ATTRIBUTE) not in wanted]
-            remove_nodes(stale)
-    except BaseException:
-        remove_nodes(reversed(created))
+        old = _old_parts(output) if output is not None else None
+        new = _build_parts(job, computed, output, heatmapMaps)
+        _check_built(new, job, computed, heatmapMaps)
+        if old is None:
+            parts, stale = new, []
+        else:
+            parts, emptied, stale = _swap_in(swap, old, new)
+            remove_nodes(emptied)
+    except BaseException:  # also KeyboardInterrupt: never leave a mix of two results
+        swap.undo()
+        _remove_nodes_added_since(before)
         raise
-    return SegmentationResult(segmentation=segmentation, heatmaps=heatmaps, table=table, plots=plots,
-                              report=calibration, prediction=prediction, volume=job.volume,
-                              geometry=job.geometry, reference=job.reference)
+    remove_nodes(stale)
+    return SegmentationResult(segmentation=parts.segmentation, heatmaps=parts.heatmaps, table=parts.table,
+                              plots=[nodes["chart"] for nodes in parts.diagrams.values()], report=computed.report,
+                              prediction=computed.prediction, volume=job.volume, geometry=job.geometry,
+                              reference=job.reference)
 
 
 def display_threshold(kind: Optional[str], value: float) -> tuple:

@@ -91,3 +91,25 @@ def test_bad_input_is_reported_in_the_status_line_and_nothing_runs(widget, clean
     widget.onApplyButton()
     assert widget._run is None and "has no voxels" in widget.ui.statusLabel.text
     assert cleanScene.GetNumberOfNodes() == before
+
+
+def test_a_failing_rerun_keeps_the_earlier_result_in_the_widget(widget, cleanScene, monkeypatch):
+    from LensSegCalibLib import OutputError, mrml
+
+    widget.onApplyButton()
+    _runUntilDone(widget)
+    first = widget._result
+    ids = sorted(n.GetID() for n in first.nodes)
+    voxels = mrml.volume_voxel_sha256(first.heatmaps["confidence"])
+    before = cleanScene.GetNumberOfNodes()
+
+    def broken(*args, **kwargs):
+        raise OutputError("simulated failure while building the report table")
+
+    monkeypatch.setattr(mrml, "add_table", broken)
+    widget.onApplyButton()  # reruns into the same output segmentation
+    _runUntilDone(widget)
+    assert widget._result is first and widget.ui.exportButton.enabled  # the earlier result is still shown
+    assert "left as it was" in widget.ui.statusLabel.text
+    assert cleanScene.GetNumberOfNodes() == before and sorted(n.GetID() for n in first.nodes) == ids
+    assert mrml.volume_voxel_sha256(first.heatmaps["confidence"]) == voxels
