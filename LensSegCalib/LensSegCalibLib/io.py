@@ -565,7 +565,8 @@ def write_segmentation(
             segment["extent"] = extent
         segments.append(segment)
     segmentation = {
-        "voxels": np.ascontiguousarray(labels.astype(np.uint8, copy=False).transpose(2, 1, 0)),  # KJI -> IJK
+        # KJI -> IJK as a view: it is Fortran-contiguous, so pynrrd's tobytes(order="F") is the only copy made
+        "voxels": labels.astype(np.uint8, copy=False).transpose(2, 1, 0),
         "ijkToLPS": geometry.ijk_to_lps(),
         "encoding": "gzip",
         "containedRepresentationNames": ["Binary labelmap"],
