@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from LensSegCalibLib.models import build_network, save_weights
+from tiny_models import ASOCT_CLASSES, tiny_entry, unet, write_catalog
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "LensSegCalib"
 #: Per-voxel memory of predict (slope between two sizes), bytes per input voxel. Expected 7 (labels + three float16
@@ -93,20 +92,10 @@ def _limit() -> None:
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("big-catalog")
-    net = {"name": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
-           "strides": [2], "num_res_units": 0}
-    torch.manual_seed(0)
-    sha, size = save_weights(build_network(net), folder / "big.safetensors")
-    classes = [{"value": v, "key": k, "name": k.title(), "color": [60 * v, 0, 0]}
-               for v, k in enumerate(["background", "capsule", "cortex", "nucleus"])]
-    entry = {"id": "big", "title": "big", "version": "0.0.1", "task": "asoct-lens", "modality": "AS-OCT",
-             "classes": classes, "network": net, "loss": {"name": "ce"}, "temperature": 1.0,
-             "input": {"spacing_mm": [0.5, 0.02, 0.02], "dims": 2, "mode": "slicewise2d", "patch_size": [128, 128],
-                       "normalization": {"kind": "percentile"}},
-             "weights": {"file": "big.safetensors", "sha256": sha, "bytes": size}}
-    path = folder / "catalog.json"
-    path.write_text(json.dumps({"catalog_version": 1, "models": [entry]}), encoding="utf-8")
-    return path
+    entry = tiny_entry(folder, "big", net=unet(2, 4), classes=ASOCT_CLASSES,
+                       input={"spacing_mm": [0.5, 0.02, 0.02], "dims": 2, "mode": "slicewise2d",
+                              "patch_size": [128, 128], "normalization": {"kind": "percentile"}})
+    return write_catalog(folder, [entry])
 
 
 def _run_child(catalog: Path, shape: tuple[int, int, int]) -> dict:

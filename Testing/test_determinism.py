@@ -19,7 +19,7 @@ import torch
 from LensSegCalibLib import cli
 from LensSegCalibLib.inference import Prediction, Segmenter
 from LensSegCalibLib.io import Geometry, read_image, read_segmentation, write_segmentation, write_volume
-from LensSegCalibLib.models import build_network, save_weights
+from tiny_models import tiny_entry, unet, write_catalog
 from LensSegCalibLib.report import calibration_report
 
 SPACING = (0.5, 0.02, 0.03)
@@ -37,25 +37,16 @@ VOLATILE = {"created", "seconds"}
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2D (slicewise, resampling in-plane) and a 3D (sliding window, Gaussian blending) tiny model."""
     folder = tmp_path_factory.mktemp("det-catalog")
-    entries = []
-    for model_id, dims, mode, patch, spacing, classes in (
-        ("det2d", 2, "slicewise2d", [32, 32], [0.5, 0.025, 0.025], CLASSES),
-        ("det3d", 3, "sliding3d", [16, 16, 16], [0.5, 0.04, 0.04], CLASSES[:3]),
-    ):
-        net = {"name": "UNet", "spatial_dims": dims, "in_channels": 1, "out_channels": len(classes),
-               "channels": [4, 8], "strides": [2], "num_res_units": 1}
-        torch.manual_seed(1)
-        sha, size = save_weights(build_network(net), folder / f"{model_id}.safetensors")
-        entries.append({
-            "id": model_id, "title": model_id, "version": "0.0.1", "task": "asoct-lens", "modality": "AS-OCT",
-            "classes": classes, "network": net, "loss": {"name": "ce"}, "temperature": 1.7,
-            "input": {"spacing_mm": spacing, "dims": dims, "mode": mode, "patch_size": patch, "overlap": 0.5,
-                      "normalization": {"kind": "percentile"}},
-            "weights": {"file": f"{model_id}.safetensors", "sha256": sha, "bytes": size},
-        })
-    path = folder / "catalog.json"
-    path.write_text(json.dumps({"catalog_version": 1, "models": entries}), encoding="utf-8")
-    return path
+    entries = [
+        tiny_entry(folder, model_id, net=unet(dims, len(classes), res_units=1), classes=classes, seed=1,
+                   temperature=1.7, input={"spacing_mm": spacing, "dims": dims, "mode": mode, "patch_size": patch,
+                                           "overlap": 0.5, "normalization": {"kind": "percentile"}})
+        for model_id, dims, mode, patch, spacing, classes in (
+            ("det2d", 2, "slicewise2d", [32, 32], [0.5, 0.025, 0.025], CLASSES),
+            ("det3d", 3, "sliding3d", [16, 16, 16], [0.5, 0.04, 0.04], CLASSES[:3]),
+        )
+    ]
+    return write_catalog(folder, entries)
 
 
 @pytest.fixture(scope="module")

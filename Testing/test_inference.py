@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from LensSegCalibLib import heatmaps
 from LensSegCalibLib.errors import Cancelled, ChecksumError, InputError, ModelError
 from LensSegCalibLib.inference import Prediction, Segmenter, resolve_device
+from tiny_models import tiny_entry, unet, write_catalog
 
 ASOCT_CLASSES = [
     {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
@@ -36,39 +37,18 @@ CT_CLASSES = [
 ]
 
 
-def _entry(model_id: str, folder: Path, mode: str, temperature: float) -> dict:
-    from LensSegCalibLib import models
-
-    torch.manual_seed(0)
-    if mode == "slicewise2d":
-        net = {"name": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
-               "strides": [2], "num_res_units": 0}
-        inp = {"spacing_mm": [1.0, 0.1, 0.1], "dims": 2, "mode": mode, "patch_size": [64, 64],
-               "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5}}
-        classes, modality = ASOCT_CLASSES, "AS-OCT"
-    else:
-        net = {"name": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
-               "strides": [2], "num_res_units": 0}
-        inp = {"spacing_mm": [2.0, 1.0, 1.0], "dims": 3, "mode": mode, "patch_size": [8, 24, 24],
-               "normalization": {"kind": "hu_window", "min": -200, "max": 300}}
-        classes, modality = CT_CLASSES, "CT"
-    module = models.build_network(net)
-    with torch.no_grad():  # a visible bias towards foreground so the labels are not all background
-        last_bias = [p for n, p in module.named_parameters() if n.endswith("bias")][-1]
-        last_bias.add_(torch.linspace(-0.3, 0.3, net["out_channels"]))
-    sha, nbytes = models.save_weights(module, folder / f"{model_id}.safetensors")
-    return {"id": model_id, "title": f"test {model_id}", "version": "0.0.1", "task": "test", "modality": modality,
-            "classes": classes, "input": inp, "network": net, "loss": {"name": "ce"}, "temperature": temperature,
-            "weights": {"file": f"{model_id}.safetensors", "sha256": sha, "bytes": nbytes}}
-
-
 def make_catalog(folder: Path) -> Path:
     """Write ``catalog.json`` with ``tiny-asoct`` (2D, 4 classes, T = 1.5) and ``tiny-ct`` (3D, 2 classes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = [_entry("tiny-asoct", folder, "slicewise2d", 1.5), _entry("tiny-ct", folder, "sliding3d", 1.0)]
-    path = folder / "catalog.json"
-    path.write_text(json.dumps({"catalog_version": 1, "models": entries}, indent=1))
-    return path
+    asoct_input = {"spacing_mm": [1.0, 0.1, 0.1], "dims": 2, "mode": "slicewise2d", "patch_size": [64, 64],
+                   "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5}}
+    ct_input = {"spacing_mm": [2.0, 1.0, 1.0], "dims": 3, "mode": "sliding3d", "patch_size": [8, 24, 24],
+                "normalization": {"kind": "hu_window", "min": -200, "max": 300}}
+    # a visible bias towards foreground so the labels are not all background
+    entries = [tiny_entry(folder, "tiny-asoct", net=unet(2, 4), classes=ASOCT_CLASSES, input=asoct_input,
+                          temperature=1.5, task="test", foreground_bias=0.3),
+               tiny_entry(folder, "tiny-ct", net=unet(3, 2), classes=CT_CLASSES, input=ct_input, modality="CT",
+                          task="test", foreground_bias=0.3)]
+    return write_catalog(folder, entries)
 
 
 @pytest.fixture(scope="module")

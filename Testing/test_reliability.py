@@ -38,7 +38,7 @@ from LensSegCalibLib.io import (
     write_segmentation,
     write_volume,
 )
-from LensSegCalibLib.models import build_network, save_weights
+from tiny_models import tiny_entry, unet, write_catalog
 
 PACKAGE = Path(__file__).resolve().parents[1] / "LensSegCalib" / "LensSegCalibLib"
 SPACING = (0.5, 0.02, 0.03)  # array order (sz, sy, sx), mm; the 2D model's own grid: no resampling
@@ -54,23 +54,14 @@ CT_CLASSES = [
     {"value": 1, "key": "right_lens", "name": "Right lens", "color": [255, 0, 0]},
     {"value": 2, "key": "left_lens", "name": "Left lens", "color": [0, 255, 0]},
 ]
-NET2D = {"name": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
-         "strides": [2], "num_res_units": 0}
-NET3D = {"name": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-         "strides": [2], "num_res_units": 0}
+NET2D = unet(2, 4)
+NET3D = unet(3, 3)
 
 
-def _entry(model_id: str, net: dict, weights: Path, classes: list, **input_: Any) -> dict:
-    torch.manual_seed(0)
-    sha, size = save_weights(build_network(net), weights)
-    return {
-        "id": model_id, "title": model_id, "version": "0.0.1", "task": "asoct-lens", "modality": "AS-OCT",
-        "description": "random weights, tests only", "classes": classes,
-        "input": {"spacing_mm": list(SPACING), "dims": 2, "mode": "slicewise2d", "patch_size": [32, 32],
-                  "normalization": {"kind": "percentile"}, **input_},
-        "network": net, "loss": {"name": "ce"}, "temperature": 1.0,
-        "weights": {"file": weights.name, "sha256": sha, "bytes": size},
-    }
+def _entry(folder: Path, model_id: str, net: dict, classes: list, **input_: Any) -> dict:
+    return tiny_entry(folder, model_id, net=net, classes=classes, description="random weights, tests only",
+                      input={"spacing_mm": list(SPACING), "dims": 2, "mode": "slicewise2d", "patch_size": [32, 32],
+                             "normalization": {"kind": "percentile"}, **input_})
 
 
 def make_catalog(folder: Path, *, asoct_name: str | None = None) -> Path:
@@ -79,13 +70,11 @@ def make_catalog(folder: Path, *, asoct_name: str | None = None) -> Path:
     classes = [dict(c) for c in CLASSES]
     if asoct_name is not None:
         classes[1]["name"] = asoct_name
-    e2 = _entry("tiny2d", NET2D, folder / "tiny2d.safetensors", classes)
-    e3 = _entry("tiny3d", NET3D, folder / "tiny3d.safetensors", CT_CLASSES, spacing_mm=[1.0, 1.0, 1.0], dims=3,
+    e2 = _entry(folder, "tiny2d", NET2D, classes)
+    e3 = _entry(folder, "tiny3d", NET3D, CT_CLASSES, spacing_mm=[1.0, 1.0, 1.0], dims=3,
                 mode="sliding3d", patch_size=[16, 16, 16], normalization={"kind": "hu_window"})
     e3["modality"], e3["task"] = "CT", "ct-lens"
-    path = folder / "catalog.json"
-    path.write_text(json.dumps({"catalog_version": 1, "models": [e2, e3]}, indent=1), encoding="utf-8")
-    return path
+    return write_catalog(folder, [e2, e3])
 
 
 @pytest.fixture(scope="module")
