@@ -19,16 +19,11 @@ import torch
 from LensSegCalibLib import cli
 from LensSegCalibLib.inference import Prediction, Segmenter
 from LensSegCalibLib.io import Geometry, read_image, read_segmentation, write_segmentation, write_volume
-from tiny_models import tiny_entry, unet, write_catalog
+from tiny_models import ASOCT_CLASSES, tiny_entry, unet, write_catalog
 from LensSegCalibLib.report import calibration_report
 
 SPACING = (0.5, 0.02, 0.03)
-CLASSES = [
-    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80]},
-    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
-    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
-]
+CLASSES = ASOCT_CLASSES
 # Fields that record *when* and *how long*, not *what*: allowed to differ between runs.
 VOLATILE = {"created", "seconds"}
 

@@ -38,17 +38,12 @@ from LensSegCalibLib.io import (
     write_segmentation,
     write_volume,
 )
-from tiny_models import tiny_entry, unet, write_catalog
+from tiny_models import ASOCT_CLASSES, tiny_entry, unet, write_catalog
 
 PACKAGE = Path(__file__).resolve().parents[1] / "LensSegCalib" / "LensSegCalibLib"
 SPACING = (0.5, 0.02, 0.03)  # array order (sz, sy, sx), mm; the 2D model's own grid: no resampling
 SHAPE = (3, 40, 48)
-CLASSES = [
-    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80]},
-    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
-    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
-]
+CLASSES = ASOCT_CLASSES
 CT_CLASSES = [
     {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
     {"value": 1, "key": "right_lens", "name": "Right lens", "color": [255, 0, 0]},
