@@ -868,11 +868,28 @@ def _old_parts(output: Any) -> _Parts:
     return parts
 
 
+def _copy_other_segments(source: Any, target: Any, classes: Sequence[Mapping[str, Any]]) -> None:
+    """Copy into ``target`` the segments of ``source`` that are not the model's classes, in order, with its source
+    representation and conversion parameters. The model's segments are not copied: the new ones replace them,
+    and copying the old ones (with their closed surfaces) would only cost time and memory."""
+    modelKeys = {str(c["key"]) for c in classes if int(c["value"]) != 0}
+    target.SetSourceRepresentationName(source.GetSourceRepresentationName())
+    target.CopyConversionParameters(source)
+    for index in range(source.GetNumberOfSegments()):
+        segmentId = source.GetNthSegmentID(index)
+        if segmentId not in modelKeys and not target.CopySegmentFromSegmentation(source, segmentId, False):
+            from .errors import OutputError
+
+            raise OutputError(f"Segment {segmentId!r} of the output segmentation could not be copied, so the "
+                              "scene was left as it was. Choose 'Create new segmentation' as output, or export that "
+                              "segment first.")
+
+
 def _build_parts(job: SegmentationJob, computed: ComputedRun, output: Any, heatmapMaps: Sequence[str]) -> _Parts:
     """Every node of the new result, all of them new: an earlier result in ``output`` is not touched.
 
-    For a rerun the segmentation is a hidden staging copy of ``output`` (so the user's other segments come
-    along) that :class:`_Swap` moves into ``output``; the other nodes are tagged with ``output`` already.
+    For a rerun the segmentation is a hidden staging node that starts with ``output``'s other segments (the
+    user's) and that :class:`_Swap` moves into ``output``; the other nodes are tagged with ``output`` already.
     """
     import slicer
 
@@ -884,9 +901,11 @@ def _build_parts(job: SegmentationJob, computed: ComputedRun, output: Any, heatm
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                           f"{_STAGING_PREFIX} {output.GetName()}")
         segmentation.SetHideFromEditors(True)
-        segmentation.GetSegmentation().DeepCopy(output.GetSegmentation())
+        _copy_other_segments(output.GetSegmentation(), segmentation.GetSegmentation(), prediction.classes)
         owner = output
-    update_segmentation(prediction.labels, job.volume, prediction.classes, segmentation=segmentation)
+    # Closed surfaces come after the swap (publish_job): built here they would coexist with the earlier
+    # result's, the largest part of a rerun's peak memory.
+    update_segmentation(prediction.labels, job.volume, prediction.classes, segmentation=segmentation, show3D=False)
     parts = _Parts(segmentation=segmentation)
     for mapName in heatmapMaps:
         if mapName == "boundary" and computed.signed_boundary is not None:
@@ -1035,6 +1054,10 @@ class _Swap:
         old.CopyContent(new)
         self._take_name_and_attributes(old, new)
 
+    def commit(self) -> None:
+        """Forget the saved objects: the earlier result's data is freed once nothing else holds it."""
+        self._undo.clear()
+
     def undo(self) -> None:
         """Restore everything saved, newest first; a failing step does not stop the others."""
         import logging
@@ -1101,6 +1124,18 @@ def _remove_nodes_added_since(before: set) -> None:
     remove_nodes(reversed([n for n in added if n.GetID() not in before and not n.GetSingletonTag()]))
 
 
+def _add_closed_surfaces(segmentation: Any) -> None:
+    """3D surfaces of the segments. A derived representation: if VTK fails to make it, the result is still
+    complete (Segment Editor > Show 3D makes it again), so this only logs."""
+    import logging
+
+    try:
+        segmentation.CreateClosedSurfaceRepresentation()
+    except Exception as error:  # any VTK/wrapping error: the published result stays valid without surfaces
+        logging.warning("LensSegCalib: no 3D surfaces for '%s' (%s); use Segment Editor > Show 3D.",
+                        segmentation.GetName(), error)
+
+
 def publish_job(job: SegmentationJob, computed: ComputedRun, *, output: Any = None,
                 heatmapMaps: Sequence[str] = HEATMAP_MAPS) -> SegmentationResult:
     """Create (or, with ``output``, update) the result nodes; all or nothing.
@@ -1111,7 +1146,8 @@ def publish_job(job: SegmentationJob, computed: ComputedRun, *, output: Any = No
     nodes in one short step (:class:`_Swap`: same node IDs, no duplicates; the user's other segments stay).
     If anything fails, building or swapping, the swap is undone and every node this call added is removed: the
     scene, the earlier result included, is as it was. Diagrams of the earlier run that this run has no numbers
-    for (e.g. the reference was dropped) are removed last, once the new result is complete.
+    for (e.g. the reference was dropped) are removed last, once the new result is complete, and then the
+    closed surfaces (3D view) are made: after the earlier result's data was freed.
     """
     before = _node_ids()
     swap = _Swap()
@@ -1128,7 +1164,9 @@ def publish_job(job: SegmentationJob, computed: ComputedRun, *, output: Any = No
         swap.undo()
         _remove_nodes_added_since(before)
         raise
+    swap.commit()
     remove_nodes(stale)
+    _add_closed_surfaces(parts.segmentation)
     return SegmentationResult(segmentation=parts.segmentation, heatmaps=parts.heatmaps, table=parts.table,
                               plots=[nodes["chart"] for nodes in parts.diagrams.values()], report=computed.report,
                               prediction=computed.prediction, volume=job.volume, geometry=job.geometry,

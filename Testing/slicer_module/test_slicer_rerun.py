@@ -264,13 +264,18 @@ def test_rerun_keeps_the_users_segments_and_their_display(logic, obliqueVolume) 
     user = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segments")
     user.CreateDefaultDisplayNodes()
     user.GetSegmentation().AddEmptySegment("cornea", "Cornea", (0.9, 0.1, 0.1))
+    cornea = np.zeros(slicer.util.arrayFromVolume(obliqueVolume).shape, bool)
+    cornea[:, 2:6, 10:30] = True  # painted by the user: kept voxel for voxel
+    mrml._import_mask(cornea, user, "cornea", obliqueVolume)
+    user.GetSegmentation().AddEmptySegment("notes", "Notes", (0.1, 0.9, 0.1))  # no voxels at all
     user.GetDisplayNode().SetSegmentOpacity2DFill("cornea", 0.77)
     first = logic.segment(obliqueVolume, model=TINY_MODEL, device="cpu", output=user)
     logic.segment(_second_volume(), model=TINY_MODEL, device="cpu", output=first.segmentation)
     segmentation = user.GetSegmentation()
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-    assert ids == ["cornea", "capsule", "cortex", "nucleus"] and user.GetName() == "my segments"
+    assert ids == ["cornea", "notes", "capsule", "cortex", "nucleus"] and user.GetName() == "my segments"
     assert user.GetDisplayNode().GetSegmentOpacity2DFill("cornea") == pytest.approx(0.77)
+    np.testing.assert_array_equal(mrml._export_mask(user, "cornea", obliqueVolume), cornea)
 
 
 CANCEL_STAGES = ["Segmenting", "segmenting slices", "heat maps", "Computing the calibration report"]
