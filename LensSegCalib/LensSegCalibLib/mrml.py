@@ -11,7 +11,10 @@ Conventions (``docs/ARCHITECTURE.md``):
   ``F = diag(-1, -1, 1)``; the conversion lives here and in ``io.Geometry.ijk_to_ras`` only.
 - Nodes we make carry the attribute ``LensSegCalib.Role`` (what they are) and ``LensSegCalib.Output`` (the ID of
   the segmentation node of the run they belong to), so a rerun into the same output updates them in place
-  instead of adding duplicates.
+  instead of adding duplicates; all or nothing: the new result is built in new nodes, checked, then swapped
+  into the earlier ones (:func:`publish_job`).
+- Heatmap volumes are float32: the float16 maps of a ``Prediction`` are widened on the way in (VTK has no
+  half type).
 - Input nodes are never modified: arrays are copied out of them.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "ROLE_ATTRIBUTE",
     "OUTPUT_ATTRIBUTE",
     "KIND_ATTRIBUTE",
+    "SLOT_ATTRIBUTE",
     "HeatmapStyle",
     "HEATMAP_STYLES",
     "geometry_from_volume",
