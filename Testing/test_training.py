@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from LensSegCalibLib.errors import InputError
 from LensSegCalibLib.models import load_catalog, load_model
 from LensSegCalibLib.training import fit_temperature, load_config, train_from_config
-from LensSegCalibLib.training.data import PatchSampler, prepare_volume, toy_volume
+from LensSegCalibLib.training.data import (PatchSampler, degrade_resolution, prepare_volume, rotate_scale_patch,
+                                           toy_volume)
 from LensSegCalibLib.training.temperature import temperature_nll
 from LensSegCalibLib.training.trainer import register_model
 
@@ -109,6 +110,128 @@ def test_sampler_is_reproducible_per_seed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a[1], b[1])
 
 
+def test_degrade_resolution_blurs_keeps_edges_registered_and_coarsens_noise() -> None:
+    # a vertical step edge between columns 19 and 20 of a 64 x 64 patch (0.5-crossing at x = 19.5; off-centre,
+    # so a resampling that is not corner-aligned would move it)
+    x = np.zeros((64, 64), np.float32)
+    x[:, 20:] = 1.0
+    for seed in range(5):
+        y = degrade_resolution(x, np.random.default_rng(seed), {"scale": [0.4, 0.6]})
+        assert y.shape == x.shape and y.dtype == np.float32
+        row = y[32]
+        cross = np.flatnonzero(np.diff(np.sign(row - 0.5)))[0]
+        pos = cross + (0.5 - row[cross]) / (row[cross + 1] - row[cross])  # linear 0.5-crossing
+        assert abs(pos - 19.5) < 0.2, pos  # no systematic shift against the (unresampled) labels
+        assert 0.02 < row[19] < 0.5 < row[20] < 0.98  # the edge is blurred
+    np.testing.assert_allclose(degrade_resolution(np.full((40, 30), 0.3, np.float32), np.random.default_rng(0),
+                                                  {}), 0.3, atol=1e-6)  # flat stays flat
+    # white noise added on the coarse grid comes back coarse-grained: neighbouring pixels correlate
+    noisy = degrade_resolution(np.zeros((96, 96), np.float32), np.random.default_rng(1), {"scale": [0.5, 0.5]},
+                               at_low_res=lambda a: a + np.random.default_rng(2).normal(0, 1, a.shape))
+    corr = np.corrcoef(noisy[:, :-1].ravel(), noisy[:, 1:].ravel())[0, 1]
+    assert corr > 0.4, corr
+    with pytest.raises(InputError, match="lowres.scale"):
+        degrade_resolution(x, np.random.default_rng(0), {"scale": [0.05, 1.0]})
+
+
+def test_sampler_lowres_keeps_labels_and_is_off_by_default(tmp_path: Path) -> None:
+    v = prepare_volume(TOY, 2, shape=(2, 64, 64), variation={"noise": 0.0}, spacing_mm=None,
+                       normalization={"kind": "none"}, cache_dir=None)
+    plain = PatchSampler([v], (32, 32), fg_fraction=1.0, augment={"p": 1.0})
+    off = PatchSampler([v], (32, 32), fg_fraction=1.0, augment={"p": 1.0}, lowres={})
+    a, b = plain.sample(np.random.default_rng(3), 6), off.sample(np.random.default_rng(3), 6)
+    np.testing.assert_array_equal(a[0], b[0])  # old configs draw exactly the same patches
+    big = prepare_volume(TOY, 2, shape=(2, 128, 128), variation={"noise": 0.0}, spacing_mm=None,
+                         normalization={"kind": "none"}, cache_dir=None)
+    low = PatchSampler([big], (48, 48), fg_fraction=1.0, augment=None, lowres={"p": 1.0, "scale": [0.5, 0.5]})
+    xl, yl, _ = low.sample(np.random.default_rng(4), 8)
+    assert len(np.unique(xl)) > 20  # blurred: many intermediate values (the sharp toy has 4 levels + padding)
+    # inside each lens class (4 px from any other label, so also from the padding) the degraded image keeps
+    # that class's level: image and labels stay registered (labels are never resampled)
+    from scipy import ndimage
+
+    for c, lev in {1: 0.9, 2: 0.65, 3: 0.4}.items():
+        core = ndimage.binary_erosion(yl == c, np.ones((1, 9, 9), bool))
+        assert core.any()
+        np.testing.assert_allclose(xl[:, 0][core], lev, atol=0.02)
+
+
+def test_rotate_scale_patch_moves_image_and_labels_together_and_keeps_the_capsule_closed() -> None:
+    from scipy import ndimage
+
+    w = 130
+    yy, xx = np.mgrid[:w, :w].astype(float)
+    lab = np.zeros((w, w), np.uint8)
+    r = np.hypot(yy - 72.0, (xx - 62.0) * 0.8)  # off-centre ellipse: a wrong rotation sense would show
+    lab[r < 30] = 2
+    lab[(r >= 30) & (r < 32)] = 1  # a 2-pixel capsule ring
+    lab[r < 12] = 3
+    lab[100:110, 100:115] = 3  # an asymmetric block outside the ring
+    img = np.array([0.0, 0.9, 0.5, 0.2], np.float32)[lab]
+    # no rotation, no scaling: exactly the central crop
+    i0, l0 = rotate_scale_patch(img, lab, np.random.default_rng(0), {"rotate_deg": 0, "scale": [1, 1]}, (96, 96))
+    np.testing.assert_array_equal(l0, lab[17:113, 17:113])
+    np.testing.assert_allclose(i0, img[17:113, 17:113], atol=1e-6)
+    for seed in range(4):
+        im, lb = rotate_scale_patch(img, lab, np.random.default_rng(seed), {"rotate_deg": 15, "scale": [0.95, 1.15]},
+                                    (96, 96))
+        assert lb.dtype == np.uint8 and im.dtype == np.float32 and im.shape == lb.shape == (96, 96)
+        for c, lev in enumerate([0.0, 0.9, 0.5, 0.2]):  # registered: the image shows each label's level inside it
+            core = ndimage.binary_erosion(lb == c, np.ones((3, 3), bool))
+            if core.any():
+                np.testing.assert_allclose(im[core], lev, atol=1e-5)
+        caps = ndimage.binary_dilation(lb == 1)  # a closed band: one component that separates cortex from outside
+        assert ndimage.label(caps)[1] == 1
+        outside = ndimage.label(lb != 1)[0]
+        assert set(np.unique(outside[lb == 2])).isdisjoint(np.unique(outside[lb == 0]))
+    with pytest.raises(InputError, match="spatial.scale"):
+        rotate_scale_patch(img, lab, np.random.default_rng(0), {"scale": [0.2, 1.0]}, (96, 96))
+
+
+def test_sampler_spatial_augmentation_is_reproducible_and_aligned(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    v = prepare_volume(TOY, 2, shape=(2, 128, 128), variation={"noise": 0.0}, spacing_mm=None,
+                       normalization={"kind": "none"}, cache_dir=None)
+    s = PatchSampler([v], (48, 48), fg_fraction=1.0, augment=None, spatial={"p": 1.0, "rotate_deg": 20})
+    a, b = s.sample(np.random.default_rng(5), 6), s.sample(np.random.default_rng(5), 6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    x, y, _ = a
+    for c, lev in {1: 0.9, 2: 0.65, 3: 0.4}.items():
+        core = ndimage.binary_erosion(y == c, np.ones((1, 3, 3), bool))
+        assert core.any()
+        np.testing.assert_allclose(x[:, 0][core], lev, atol=1e-5)
+
+
+def test_per_seed_shape_renders_that_phantom_on_its_own_grid(tmp_path: Path) -> None:
+    from LensSegCalibLib.training.trainer import _volumes
+
+    cfg = _config(tmp_path)
+    cfg["data"].update(shape=[2, 48, 48], per_seed={"1": {"shape": [2, 24, 32], "noise": 0.0}})
+    vols = _volumes(load_config(cfg), "train", rank=0)
+    assert [tuple(v.labels.shape) for v in vols] == [(2, 48, 48), (2, 24, 32), (2, 48, 48)]
+
+
+def test_evaluate_reports_robustness_sets_apart_from_the_heldout_sets() -> None:
+    from LensSegCalibLib.models import build_network, spec_from_dict
+    from LensSegCalibLib.training.evaluate import ROBUSTNESS_SETS, evaluate_model
+
+    assert ROBUSTNESS_SETS["asoct"][0]["shape"] == [4, 384, 384]
+    entry = load_catalog().get("asoct-lens-acw").to_dict()
+    entry["network"] = {**entry["network"], "channels": [4, 8], "strides": [2]}
+    spec = spec_from_dict(entry)
+    torch.manual_seed(0)
+    net = build_network(spec.network).eval()
+    res = evaluate_model(net, spec, sets=[{"name": "std", "seeds": [10000], "variation": {}}],
+                         shape=(1, 64, 64), progress=False, cache_dir=None,
+                         robustness=[{"name": "coarse", "seeds": [10000], "variation": {}, "shape": [1, 48, 48]}])
+    assert res["all"]["raw"]["cases"] == 1  # the robustness case is not pooled into "all"
+    rob = res["robustness"]["coarse"]
+    assert rob["shape"] == [1, 48, 48] and rob["raw"]["cases"] == 1 and len(rob["raw"]["dice"]) == 3
+    assert "shape" not in res["sets"]["std"]
+
+
 # ---- training ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["acw", "sdc"])
 def test_a_few_steps_lower_the_loss_and_produce_a_loadable_model(tmp_path: Path, loss: str) -> None:
@@ -146,6 +269,44 @@ def test_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert len(_csv(tmp_path / "b" / "run" / "metrics.csv")) == 2
+
+
+def test_acw_scheduler_moves_q_by_validation_iou_and_resumes_exactly(tmp_path: Path) -> None:
+    import json
+
+    from LensSegCalibLib.losses import ACWThresholdScheduler
+
+    torch.set_num_threads(1)
+
+    def cfg(sub: str, **optim) -> dict:
+        c = _config(tmp_path / sub, "acw", epochs=4, steps_per_epoch=6, **optim)
+        c["loss"]["params"] = {"q": 0.5}
+        c["acw_scheduler"] = {"delta": 0.1, "min_delta": 0.01}
+        return c
+
+    full = train_from_config(cfg("a"), progress=False, device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    # replay the hill climb on the logged validation Dice (IoU = D / (2 - D)): the trainer's q must follow it
+    ref = ACWThresholdScheduler(q=0.5, delta=0.1, min_delta=0.01)
+    expected_q = []
+    for r in rows:
+        expected_q.append(ref.q)
+        ref.step(float(np.mean([r[f"dice_{k}"] / (2 - r[f"dice_{k}"]) for k in ("capsule", "cortex", "nucleus")])))
+    assert [r["acw_q"] for r in rows] == pytest.approx(expected_q)
+    assert len(set(round(q, 6) for q in expected_q)) > 1  # q did move
+    entry = json.loads((tmp_path / "a" / "run" / "catalog_entry.json").read_text())
+    assert entry["training"]["acw_scheduler"]["q"] == pytest.approx(ref.q)
+    assert len(entry["training"]["acw_scheduler"]["history"]) == 4 and entry["loss"]["params"]["q"] == 0.5
+    # interrupted after epoch 2 and resumed: the scheduler state comes back with the checkpoint
+    train_from_config(cfg("b", stop_after_epoch=2), progress=False, device="cpu")
+    resumed = train_from_config(cfg("b"), progress=False, device="cpu")  # stop_after_epoch is not in the key
+    a, b = load_file(str(full)), load_file(str(resumed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    bad = cfg("c")
+    bad["loss"] = {"name": "ce", "params": {}}
+    with pytest.raises(InputError, match="acw_scheduler"):
+        train_from_config(bad, progress=False, device="cpu")
 
 
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:

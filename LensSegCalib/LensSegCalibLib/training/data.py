@@ -29,6 +29,8 @@ __all__ = [
     "prepare_volume",
     "PatchSampler",
     "augment_intensity",
+    "degrade_resolution",
+    "rotate_scale_patch",
     "toy_volume",
 ]
 
@@ -205,6 +207,94 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator, cfg: Mapping[str,
     return y.astype(np.float32, copy=False)
 
 
+def degrade_resolution(x: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any],
+                       at_low_res: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Simulate a coarser acquisition grid that inference resampled to the model grid (2D or 3D patch).
+
+    Per axis a scale ``s`` is drawn from ``cfg["scale"]`` (default ``[0.4, 1.0]``; 0.48 = an 800-sample
+    B-scan acquired with 384 samples); the patch is low-pass filtered (Gaussian, SD ``U(cfg["blur"]) / s``
+    fine pixels: the coarse pixel's area plus the device PSF in coarse pixels), sampled at ``s`` times the
+    resolution, optionally transformed there by ``at_low_res`` (intensity augmentation, so the noise is
+    coarse-grained as on a coarse grid), and interpolated back linearly. Both resamplings keep the corners
+    of the extent aligned (``grid_mode``, as :func:`LensSegCalibLib.preprocessing.resample_to_spacing`), so
+    the label map of the fine patch stays registered to the degraded image.
+
+    Args:
+        x: float32 patch ``(*patch)`` (normalised intensities).
+        rng: random generator (consumed: one scale and one blur per axis, then what ``at_low_res`` draws).
+        cfg: ``{"scale": [lo, hi], "blur": [lo, hi]}``; ``lo >= 0.1``.
+        at_low_res: applied to the coarse patch before upsampling (e.g. ``augment_intensity``).
+
+    Returns:
+        New float32 array of ``x.shape``.
+    """
+    from scipy import ndimage
+
+    s_lo, s_hi = (float(v) for v in cfg.get("scale", [0.4, 1.0]))
+    b_lo, b_hi = (float(v) for v in cfg.get("blur", [0.3, 0.7]))
+    if not 0.1 <= s_lo <= s_hi:
+        raise InputError(f"data.lowres.scale must be [lo, hi] with 0.1 <= lo <= hi, got {[s_lo, s_hi]}.")
+    scales = [float(rng.uniform(s_lo, s_hi)) for _ in x.shape]
+    sigmas = [float(rng.uniform(b_lo, b_hi)) / s for s in scales]
+    y = ndimage.gaussian_filter(np.asarray(x, np.float32), sigmas, mode="nearest")
+    small_shape = tuple(max(4, int(round(n * s))) for n, s in zip(x.shape, scales))
+    y = ndimage.zoom(y, [m / n for m, n in zip(small_shape, x.shape)], order=1, mode="nearest", grid_mode=True,
+                     prefilter=False)
+    if at_low_res is not None:
+        y = at_low_res(y)
+    y = ndimage.zoom(y, [n / m for n, m in zip(x.shape, y.shape)], order=1, mode="nearest", grid_mode=True,
+                     prefilter=False)
+    if y.shape != x.shape:  # zoom rounds the output shape
+        from ..preprocessing import crop_or_pad
+
+        y = crop_or_pad(y, x.shape, value=float(y.min()))
+    return y.astype(np.float32, copy=False)
+
+
+def rotate_scale_patch(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any],
+                       out_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate (in the last two axes) and magnify a window about its centre; return the central ``out_shape``.
+
+    The window must be larger than ``out_shape`` by enough margin that the rotated, scaled output stays
+    inside it (:class:`PatchSampler` takes 35 % of the patch on each side). The image is interpolated
+    linearly; the labels per class as linearly interpolated one-hot maps, then argmax, so a 2-voxel band
+    (the capsule) stays a closed band instead of breaking up as nearest-neighbour sampling would leave it.
+
+    Args:
+        image: float32 window ``(*W)``; labels: integer window ``(*W)`` (same shape).
+        rng: consumed: one angle, one scale.
+        cfg: ``{"rotate_deg": 10, "scale": [0.95, 1.15]}``: angle ~ U(-r, r) degrees (a lens tilted against
+            the beam, a rotated head), scale ~ U(lo, hi) (> 1 magnifies: a larger eye or a finer grid).
+        out_shape: patch shape.
+
+    Returns:
+        ``(image float32 out_shape, labels of labels.dtype out_shape)``.
+    """
+    from scipy import ndimage
+
+    r = float(cfg.get("rotate_deg", 10.0))
+    s_lo, s_hi = (float(v) for v in cfg.get("scale", [0.95, 1.15]))
+    if not 0.5 <= s_lo <= s_hi <= 2.0:
+        raise InputError(f"data.spatial.scale must be [lo, hi] with 0.5 <= lo <= hi <= 2, got {[s_lo, s_hi]}.")
+    theta = np.deg2rad(float(rng.uniform(-r, r)))
+    scale = float(rng.uniform(s_lo, s_hi))
+    nd = image.ndim
+    m = np.eye(nd)
+    c, s_ = np.cos(theta), np.sin(theta)
+    m[-2:, -2:] = np.array([[c, -s_], [s_, c]]) / scale  # output step -> input step
+    c_in = (np.array(image.shape, float) - 1.0) / 2.0
+    c_out = (np.array(out_shape, float) - 1.0) / 2.0
+    offset = c_in - m @ c_out
+    kw = dict(matrix=m, offset=offset, output_shape=tuple(int(v) for v in out_shape), order=1, mode="nearest")
+    img = ndimage.affine_transform(np.asarray(image, np.float32), **kw)
+    classes = np.unique(labels)
+    if classes.size == 1:
+        return img.astype(np.float32, copy=False), np.full(tuple(out_shape), classes[0], labels.dtype)
+    soft = np.stack([ndimage.affine_transform((labels == k).astype(np.float32), **kw) for k in classes])
+    lab = classes[np.argmax(soft, axis=0)].astype(labels.dtype, copy=False)
+    return img.astype(np.float32, copy=False), lab
+
+
 class PatchSampler:
     """Random patches from cached volumes: 2D B-scan patches (``patch_size`` of 2) or 3D patches (3).
 
@@ -213,11 +303,17 @@ class PatchSampler:
     sees cornea, iris and empty vitreous as it will in a sliding window. Patches reaching outside the volume
     are padded with the image minimum / label 0. ``flip_axes``: spatial axes (of the patch) that may be
     mirrored (the lateral axis of a B-scan; never left-right on CT, where the label *is* the side).
+    ``lowres`` (``{"p": 0.3, "scale": [0.4, 1.0], "blur": [0.3, 0.7]}``): with probability ``p`` a patch goes
+    through :func:`degrade_resolution` (a coarser acquisition grid resampled to the model grid); the intensity
+    augmentation then runs on the coarse patch; labels are never resampled. ``spatial``
+    (``{"p": 0.3, "rotate_deg": 10, "scale": [0.95, 1.15]}``): with probability ``p`` the patch is cut from a
+    35 % larger window and rotated/magnified by :func:`rotate_scale_patch` (image and labels together).
     """
 
     def __init__(self, volumes: Sequence[CachedVolume], patch_size: Sequence[int], *, fg_fraction: float = 0.7,
                  flip_axes: Sequence[int] = (), augment: Mapping[str, Any] | None = None,
-                 sdf_classes: int | None = None, class_balanced: bool = False, jitter: float = 0.5) -> None:
+                 sdf_classes: int | None = None, class_balanced: bool = False, jitter: float = 0.5,
+                 lowres: Mapping[str, Any] | None = None, spatial: Mapping[str, Any] | None = None) -> None:
         if not volumes:
             raise InputError("No training volumes: give at least one seed in data.train_seeds.")
         self.volumes = list(volumes)
@@ -228,6 +324,8 @@ class PatchSampler:
         self.sdf_classes = sdf_classes
         self.class_balanced = bool(class_balanced)
         self.jitter = float(jitter)
+        self.lowres = dict(lowres or {})
+        self.spatial = dict(spatial or {})
         # foreground coordinates per volume (small: a few % of the voxels), computed once; with class_balanced
         # the centre class is drawn uniformly among the foreground classes present, so a thin class (the
         # 2-voxel capsule) is as often at a patch centre as the large ones (nnU-Net-style oversampling)
@@ -239,10 +337,12 @@ class PatchSampler:
         if len(self.patch) == 2:
             self._slices = [(i, z) for i, v in enumerate(self.volumes) for z in range(v.labels.shape[0])]
 
-    def _window(self, arr: np.ndarray, start: Sequence[int], fill: float) -> np.ndarray:
-        out = np.full(self.patch, fill, dtype=arr.dtype)
+    def _window(self, arr: np.ndarray, start: Sequence[int], fill: float,
+                shape: Sequence[int] | None = None) -> np.ndarray:
+        shape = self.patch if shape is None else tuple(shape)
+        out = np.full(shape, fill, dtype=arr.dtype)
         src, dst = [], []
-        for s, p, n in zip(start, self.patch, arr.shape[-len(self.patch):]):
+        for s, p, n in zip(start, shape, arr.shape[-len(shape):]):
             a, b = max(s, 0), min(s + p, n)
             src.append(slice(a, b))
             dst.append(slice(a - s, b - s))
@@ -290,14 +390,25 @@ class PatchSampler:
             jit = [int(p * self.jitter) for p in self.patch]
             jitter = np.array([int(rng.integers(-j, j + 1)) for j in jit]) if use_fg else 0
             start = (np.asarray(centre) + jitter - np.array(self.patch) // 2).tolist()
-            im = self._window(img_src, start, float(-1.0))
-            lb = self._window(lab_src, start, 0)
+            if self.spatial and rng.random() < float(self.spatial.get("p", 0.3)):
+                # a larger window around the same centre, so the rotated/magnified patch has no empty corners
+                margin = [int(np.ceil(0.35 * p)) for p in self.patch]
+                big = [p + 2 * mg for p, mg in zip(self.patch, margin)]
+                bstart = [st - mg for st, mg in zip(start, margin)]
+                im, lb = rotate_scale_patch(self._window(img_src, bstart, float(-1.0), big),
+                                            self._window(lab_src, bstart, 0, big), rng, self.spatial, self.patch)
+            else:
+                im = self._window(img_src, start, float(-1.0))
+                lb = self._window(lab_src, start, 0)
             for ax in self.flip_axes:
                 if rng.random() < 0.5:
                     im = np.flip(im, axis=ax)
                     lb = np.flip(lb, axis=ax)
-            if self.augment:
-                im = augment_intensity(im, rng, self.augment)
+            aug = (lambda a: augment_intensity(a, rng, self.augment)) if self.augment else None
+            if self.lowres and rng.random() < float(self.lowres.get("p", 0.35)):
+                im = degrade_resolution(im, rng, self.lowres, at_low_res=aug)
+            elif aug is not None:
+                im = aug(im)
             imgs[b, 0] = im
             labs[b] = lb
         sdf = None

@@ -13,6 +13,9 @@ scores it against the phantom's ground truth. Protocol (also written into ``held
   or the prediction (``hidden_ece``, mean ``hidden_confidence`` vs ``hidden_accuracy``).
 * CT: the whole volume is visible; Dice/HD95 per lens in 3D with the phantom's spacing.
 * Every metric per case (volume), then mean over cases; with and without the model's temperature.
+* Robustness (reported under ``robustness``, not pooled into ``all``): the standard held-out AS-OCT eyes
+  rendered on a coarser 384 x 384 B-scan grid over the same field, resampled to the model grid by the
+  Segmenter and scored on the coarse grid.
 
     python -m LensSegCalibLib.training evaluate --model asoct-lens-acw [--write] [--n 5]
 """
@@ -27,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["HELDOUT_SETS", "evaluate_prediction", "evaluate_model", "main"]
+__all__ = ["HELDOUT_SETS", "ROBUSTNESS_SETS", "evaluate_prediction", "evaluate_model", "main"]
 
 #: Held-out phantom sets per generator: seeds >= 10000 only. "hard" = the phantom's held-out shifts
 #: (older age, cataract grade 4-5, strong tilt/decentration, small pupil, low dynamic range, 1 look).
@@ -40,6 +43,15 @@ HELDOUT_SETS: dict[str, list[dict]] = {
         {"name": "standard", "seeds": list(range(10000, 10006)), "variation": {}},
         {"name": "hard", "seeds": list(range(10100, 10106)), "variation": {"split": "heldout"}},
     ],
+}
+
+#: Robustness checks, run after the held-out sets and reported apart from them (``result["robustness"]``):
+#: the same held-out seeds on another acquisition grid (``shape`` overrides the evaluation shape).
+ROBUSTNESS_SETS: dict[str, list[dict]] = {
+    "asoct": [
+        {"name": "coarse384", "seeds": list(range(10000, 10006)), "variation": {}, "shape": [4, 384, 384]},
+    ],
+    "ct": [],
 }
 
 
@@ -136,15 +148,18 @@ def _mean_rows(rows: list[dict]) -> dict[str, Any]:
 
 def evaluate_model(network: Any, spec: Any, *, sets: Sequence[Mapping[str, Any]] | None = None,
                    n_per_set: int | None = None, shape: Sequence[int] | None = None, device: str = "cpu",
-                   cache_dir: str | None = "runs/cache", progress: bool = True) -> dict[str, Any]:
+                   cache_dir: str | None = "runs/cache", progress: bool = True,
+                   robustness: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Evaluate ``network``/``spec`` on held-out phantoms; returns the ``heldout_metrics`` dict.
 
     Args:
         network, spec: from :func:`LensSegCalibLib.models.load_model` (or a freshly trained net + spec).
         sets: held-out sets (default :data:`HELDOUT_SETS` of the spec's modality).
-        n_per_set: use only the first n seeds of each set.
+        n_per_set: use only the first n seeds of each set (robustness sets too).
         shape: phantom shape; default: AS-OCT ``(4, 800, 800)`` (native grid, 4 B-scans 45 deg apart), CT the generator's.
         cache_dir: the phantoms are cached as in training (raw, not normalised).
+        robustness: extra sets reported under ``robustness`` and not pooled into ``all`` (default
+            :data:`ROBUSTNESS_SETS` of the modality; ``[]`` skips them). A set's ``shape`` overrides ``shape``.
     """
     from ..inference import Segmenter
     from ..phantom import asoct_volume
@@ -152,6 +167,7 @@ def evaluate_model(network: Any, spec: Any, *, sets: Sequence[Mapping[str, Any]]
 
     gen_name = "asoct" if spec.modality == "AS-OCT" else "ct"
     sets = list(sets) if sets is not None else HELDOUT_SETS[gen_name]
+    robustness = list(robustness) if robustness is not None else ROBUSTNESS_SETS[gen_name]
     if gen_name == "asoct":
         gen = asoct_volume
         shape = tuple(shape) if shape is not None else (4, 800, 800)
@@ -164,15 +180,16 @@ def evaluate_model(network: Any, spec: Any, *, sets: Sequence[Mapping[str, Any]]
     result: dict[str, Any] = {"protocol": __doc__.split("Protocol")[1].split("python -m")[0].strip()
                               .replace("\n", " ").replace("  ", " ").replace("  ", " "),
                               "shape": list(shape) if shape else None, "temperature": t_scale, "sets": {}}
-    all_raw, all_ts = [], []
     t0 = time.perf_counter()
-    for s in sets:
+
+    def run_set(s: Mapping[str, Any]) -> tuple[dict, list, list]:
         seeds = list(s["seeds"])[: n_per_set] if n_per_set else list(s["seeds"])
+        set_shape = tuple(s["shape"]) if s.get("shape") is not None else shape
         raw_rows, ts_rows = [], []
         for seed in seeds:
             if seed < HELDOUT_SEED_START:
                 raise ValueError(f"held-out evaluation needs seeds >= {HELDOUT_SEED_START}, got {seed}")
-            ph = gen(seed, shape=shape, **dict(s.get("variation", {})))
+            ph = gen(seed, shape=set_shape, **dict(s.get("variation", {})))
             pred = seg.predict(ph.image, ph.spacing, probabilities_dtype=np.float32)
             vis = np.asarray(ph.meta.get("visible", np.ones(ph.labels.shape, bool)))
             r = evaluate_prediction(pred.probabilities, ph.labels, vis, ph.spacing, slicewise=slicewise)
@@ -189,21 +206,30 @@ def evaluate_model(network: Any, spec: Any, *, sets: Sequence[Mapping[str, Any]]
                       f"{r.get('hidden_confidence', float('nan')):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         entry = {"seeds": seeds, "variation": dict(s.get("variation", {})), "raw": _mean_rows(
             [{k: v for k, v in r.items() if k != "seed"} for r in raw_rows])}
+        if s.get("shape") is not None:
+            entry["shape"] = list(set_shape)
         if ts_rows:
             entry["temperature_scaled"] = _mean_rows(ts_rows)
+        return entry, raw_rows, ts_rows
+
+    all_raw, all_ts = [], []
+    for s in sets:
+        entry, raw_rows, ts_rows = run_set(s)
         result["sets"][s["name"]] = entry
         all_raw += raw_rows
         all_ts += ts_rows
     result["all"] = {"raw": _mean_rows([{k: v for k, v in r.items() if k != "seed"} for r in all_raw])}
     if all_ts:
         result["all"]["temperature_scaled"] = _mean_rows(all_ts)
+    if robustness:
+        result["robustness"] = {s["name"]: run_set(s)[0] for s in robustness}
     result["class_keys"] = spec.class_keys[1:]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m LensSegCalibLib.training evaluate --model ID [--write] [--n N] [--out FILE]``."""
+    """``python -m LensSegCalibLib.training evaluate --model ID [--write] [--n N] [--out FILE] [--no-robustness]``."""
     from ..models import load_catalog, load_model, update_catalog_entry
 
     ap = argparse.ArgumentParser(prog="python -m LensSegCalibLib.training evaluate",
@@ -214,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the metrics JSON here")
     ap.add_argument("--write", action="store_true", help="store the result as heldout_metrics in the catalog")
+    ap.add_argument("--no-robustness", action="store_true",
+                    help="skip the robustness sets (AS-OCT: the held-out eyes on a coarse 384 x 384 grid)")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.threads:
         import torch
@@ -221,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cat = load_catalog(args.catalog)
     net, spec = load_model(args.model, catalog=cat)
-    res = evaluate_model(net, spec, n_per_set=args.n)
+    res = evaluate_model(net, spec, n_per_set=args.n, robustness=[] if args.no_robustness else None)
     text = json.dumps(res, indent=2)
     if args.out:
         with open(args.out, "w") as fh:

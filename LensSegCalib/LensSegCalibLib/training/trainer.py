@@ -225,12 +225,14 @@ def _volumes(cfg: dict, which: str, *, rank: int) -> list[CachedVolume]:
     inp = cfg["input"]
     seeds = _seed_list(d["train_seeds" if which == "train" else "val_seeds"])
     var = d["variation"] if which == "train" else _merge(d["variation"], d.get("val_variation", {}))
-    # per-seed variations: {"seed": {...}} overrides (e.g. a share of harder cataracts) live in data.per_seed
+    # per-seed variations: {"seed": {...}} overrides (e.g. a share of harder cataracts) live in data.per_seed;
+    # a "shape" there renders that phantom on another grid (a coarser acquisition, resampled to the model grid)
     per_seed = d.get("per_seed", {})
     out = []
     for s in seeds:
         v = _merge(var, per_seed.get(str(s), {}))
-        out.append(prepare_volume(d["generator"], s, shape=d.get("shape"), variation=v,
+        shape = v.pop("shape", d.get("shape"))
+        out.append(prepare_volume(d["generator"], s, shape=shape, variation=v,
                                   spacing_mm=inp["spacing_mm"], normalization=inp["normalization"],
                                   cache_dir=d.get("cache_dir"), resample_axis0=inp["mode"] != "slicewise2d"))
     return out
@@ -341,7 +343,8 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
                            flip_axes=cfg["data"]["flip_axes"], augment=cfg["data"]["augment"],
                            sdf_classes=len(cfg["classes"]) if _loss_needs_targets(cfg["loss"]) else None,
                            class_balanced=bool(cfg["data"].get("class_balanced", False)),
-                           jitter=float(cfg["data"].get("jitter", 0.5)))
+                           jitter=float(cfg["data"].get("jitter", 0.5)),
+                           lowres=cfg["data"].get("lowres"), spatial=cfg["data"].get("spatial"))
     val_cases = _val_cases(val_vols, cfg) if dist.is_main else []
 
     torch.manual_seed(seed)  # identical initial weights on every rank
@@ -362,6 +365,7 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = build_training_loss(cfg["loss"]).to(device)
     needs_targets = _loss_needs_targets(cfg["loss"])
+    q_sched = _acw_scheduler(cfg, loss_fn)
     optimizer = torch.optim.AdamW(net.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg["weight_decay"]))
     use_amp = bool(opt_cfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -381,6 +385,8 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             optimizer.load_state_dict(ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
             start_epoch, history, train_seconds = int(ck["epoch"]), ck["history"], float(ck["train_seconds"])
+            if q_sched is not None:
+                q_sched.load_state_dict(ck["acw_scheduler"])
         elif dist.is_main:
             print(f"[train] {ckpt_path} belongs to another config; starting fresh.")
 
@@ -441,6 +447,10 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "lr": lr, "train_loss": mean_loss,
                    "seconds": round(train_seconds, 1), **{f"dice_{k}": d for k, d in zip(fg_keys, val["dice"])},
                    "mean_dice": val["mean_dice"], "ece": val["ece"], "bece": val["bece"]}
+            if q_sched is not None:
+                # adaptive q (METHODS.md 1.2): hill climb on the mean foreground IoU of this validation
+                row["acw_q"] = q_sched.q  # the q this epoch trained with
+                q_sched.step(float(np.mean([d / (2.0 - d) for d in val["dice"]])))  # IoU = D / (2 - D)
             history.append(row)
             with open(csv_path, "a", newline="") as fh:
                 csv.writer(fh).writerow([row[k] for k in ["epoch", "step", "lr", "train_loss", "seconds"]]
@@ -455,7 +465,13 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
                       f"dice {[round(d, 4) for d in val['dice']]} ece {val['ece']:.4f} bece {val['bece']:.4f}")
             _atomic_torch_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
-                                "train_seconds": train_seconds, "config_key": _config_key(cfg)}, ckpt_path)
+                                "train_seconds": train_seconds, "config_key": _config_key(cfg),
+                                **({"acw_scheduler": q_sched.state_dict()} if q_sched is not None else {})},
+                               ckpt_path)
+        if q_sched is not None and dist.distributed:
+            # only rank 0 validates: every rank takes its q (and state) so all train the same loss
+            q = ddp.all_reduce_sum(torch.tensor([q_sched.q if dist.is_main else 0.0], dtype=torch.float64))
+            q_sched.q = loss_fn.q = float(q[0])
         ddp.barrier()
         stop = opt_cfg.get("stop_after_epoch")
         if stop and epoch + 1 >= int(stop) and epoch + 1 < epochs:
@@ -479,7 +495,8 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
         sha, nbytes = save_weights(net, weights_path, metadata={"model_id": cfg["model_id"]})
         entry = catalog_entry(cfg, sha=sha, nbytes=nbytes, temperature=temperature, history=history,
                               seconds=train_seconds, data_seconds=data_seconds, device=str(device),
-                              world_size=dist.world_size, temperature_info=t_info)
+                              world_size=dist.world_size, temperature_info=t_info,
+                              acw_scheduler=q_sched.state_dict() if q_sched is not None else None)
         (out_dir / "catalog_entry.json").write_text(json.dumps(entry, indent=2))
         if register:
             register_model(weights_path, entry)
@@ -487,10 +504,35 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
     return weights_path
 
 
+def _acw_scheduler(cfg: Mapping[str, Any], loss_fn: torch.nn.Module) -> Any:
+    """The opt-in adaptive-q scheduler (config key ``acw_scheduler``), attached to the ACW loss; else None.
+
+    ``"acw_scheduler": {"delta": 0.1, "bounds": [0.1, 0.9], "min_delta": 0.0125, "direction": 1}`` (any
+    subset; ``true`` = these defaults). It starts from ``loss.params.q`` and, after every validation epoch,
+    moves ``q`` by a hill climb on the validation mean foreground IoU (:class:`losses.ACWThresholdScheduler`).
+    """
+    opts = cfg.get("acw_scheduler")
+    if not opts:
+        return None
+    if str(cfg["loss"]["name"]) != "acw":
+        raise InputError(f"acw_scheduler drives the ACW loss's q, but this config's loss is "
+                         f"{cfg['loss']['name']!r}; remove acw_scheduler or use loss.name 'acw'.")
+    from ..losses.acw import ACWThresholdScheduler
+
+    opts = {} if opts is True else dict(opts)
+    unknown = set(opts) - {"delta", "bounds", "min_delta", "direction"}
+    if unknown:
+        raise InputError(f"acw_scheduler: unknown key(s) {sorted(unknown)}; use delta, bounds, min_delta, direction.")
+    if "bounds" in opts:
+        opts["bounds"] = tuple(float(b) for b in opts["bounds"])
+    return ACWThresholdScheduler(loss=loss_fn, q=float(cfg["loss"].get("params", {}).get("q", 0.5)), **opts)
+
+
 def _config_key(cfg: Mapping[str, Any]) -> str:
     import hashlib
 
-    keep = {k: cfg[k] for k in ("model_id", "input", "network", "loss", "data", "optim", "seed", "init_from") if k in cfg}
+    keep = {k: cfg[k] for k in ("model_id", "input", "network", "loss", "data", "optim", "seed", "init_from",
+                                "acw_scheduler") if k in cfg}
     keep = copy.deepcopy(keep)
     for k in ("threads", "stop_after_epoch"):  # do not change the result
         keep["optim"].pop(k, None)
@@ -500,8 +542,13 @@ def _config_key(cfg: Mapping[str, Any]) -> str:
 def catalog_entry(cfg: Mapping[str, Any], *, sha: str, nbytes: int, temperature: float, history: list,
                   seconds: float, data_seconds: float, device: str, world_size: int,
                   temperature_info: Mapping[str, Any] | None = None,
-                  heldout_metrics: Mapping[str, Any] | None = None) -> dict:
-    """The catalog.json entry of a trained model (validated against the schema)."""
+                  heldout_metrics: Mapping[str, Any] | None = None,
+                  acw_scheduler: Mapping[str, Any] | None = None) -> dict:
+    """The catalog.json entry of a trained model (validated against the schema).
+
+    ``acw_scheduler``: the adaptive-q state at the end of training (final ``q`` and its per-epoch history),
+    kept under ``training.acw_scheduler``; the entry's ``loss.params.q`` stays the starting value.
+    """
     src = cfg.get("_source", "")
     rel = src
     if src and src != "<dict>":
@@ -525,6 +572,8 @@ def catalog_entry(cfg: Mapping[str, Any], *, sha: str, nbytes: int, temperature:
         "heldout_metrics": dict(heldout_metrics or {}),
         "weights": {"file": f"{cfg['model_id']}.safetensors", "sha256": sha, "bytes": int(nbytes)},
     }
+    if acw_scheduler:
+        entry["training"]["acw_scheduler"] = dict(acw_scheduler)
     spec_from_dict(entry)  # schema check now, not when a user loads it
     return entry
 
