@@ -184,23 +184,25 @@ def segment_case(
     p = Path(input_path)
     case = name or case_name(p)
     image = read_image(p)
+    geometry = image.geometry
     reference = None
     if reference_path is not None:
-        reference = _reference_on_grid(Path(reference_path), image.geometry, image.array.shape, segmenter.classes)
+        reference = _reference_on_grid(Path(reference_path), geometry, image.array.shape, segmenter.classes)
     if not overwrite:
         _refuse_existing(out_dir, case, preview)  # before the expensive part, not after it
     prediction = segmenter.predict(
-        image.array, image.geometry.spacing, direction=image.geometry.direction, progress=progress, cancel=cancel,
+        image.array, geometry.spacing, direction=geometry.direction, progress=progress, cancel=cancel,
         # the probabilities are only needed for reference metrics: skipping them saves C x 2 bytes per voxel
         probabilities_dtype=np.float16 if reference is not None else None,
     )
     _check_cancel(cancel)
     report = calibration_report(
-        prediction, image.geometry.spacing, reference=reference, image=image.array, case=case,
+        prediction, geometry.spacing, reference=reference, image=image.array, case=case,
         input_sha256=sha256_file(p), input_path=p, reference_path=reference_path,
     )
+    del image, reference  # the report kept one slice: free the input volume before writing (big volumes)
     _check_cancel(cancel)
-    paths = write_case_outputs(out_dir, case, prediction, image.geometry, report, overwrite=overwrite,
+    paths = write_case_outputs(out_dir, case, prediction, geometry, report, overwrite=overwrite,
                                preview=preview, cancel=cancel)
     return _summary_row(case, p, "done", "", time.perf_counter() - t0, report.to_dict(), paths["report_json"])
 

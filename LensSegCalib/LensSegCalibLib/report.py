@@ -256,7 +256,8 @@ def _preview(prediction: "Prediction", image: np.ndarray | None, reference: np.n
     else:
         fg = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         index = int(np.argmax(fg)) if fg.max(initial=0) > 0 else labels.shape[0] // 2
-        take = lambda a: None if a is None else np.asarray(a[index])  # noqa: E731
+        # a copy of the one slice, not a view: the report must not keep a big input volume alive
+        take = lambda a: None if a is None else np.array(a[index])  # noqa: E731
     return {
         "slice_index": index,
         "image": take(image),
