@@ -10,7 +10,7 @@ DEMO_OUT ?= demo_out
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,bench]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,bench,train]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -233,6 +233,31 @@ def test_evaluate_reports_robustness_sets_apart_from_the_heldout_sets() -> None:
 
 
 # ---- training ----------------------------------------------------------------------------------------------
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of ``folder``: ``{tag: [(step, value), ...]}``.
+
+    Read record by record (uint64 length, uint32 CRC, Event protobuf, uint32 CRC), so the test checks the file
+    format TensorBoard reads, not the writer's own API.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file in {folder}"
+    for path in files:
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
 @pytest.mark.parametrize("loss", ["acw", "sdc"])
 def test_a_few_steps_lower_the_loss_and_produce_a_loadable_model(tmp_path: Path, loss: str) -> None:
     torch.set_num_threads(1)
@@ -242,6 +267,12 @@ def test_a_few_steps_lower_the_loss_and_produce_a_loadable_model(tmp_path: Path,
     assert len(rows) == 2
     assert float(rows[1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
     assert float(rows[1]["mean_dice"]) > 0.3
+    # the same per-epoch numbers as TensorBoard scalars (event files from tensorboardX, the `train` extra)
+    scalars = _tensorboard_scalars(tmp_path / "run" / "tb")
+    for name in ("mean_dice", "ece", "bece", "train_loss", "dice_nucleus"):
+        assert [step for step, _ in scalars[name]] == [int(r["step"]) for r in rows], name
+        if name in rows[0]:
+            np.testing.assert_allclose([v for _, v in scalars[name]], [float(r[name]) for r in rows], rtol=1e-6)
     # register into a private models folder and load it back through the catalog with checksum verification
     import json
 

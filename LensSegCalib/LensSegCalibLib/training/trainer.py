@@ -9,8 +9,7 @@ optimisation recipe, and the output folder. :func:`train_from_config` then
    loss from :func:`LensSegCalibLib.losses.build_loss`, AdamW + warm-up/cosine, AMP on CUDA, DDP under
    torchrun, a tqdm bar with ETA,
 3. validates every epoch on whole validation B-scans / volumes (Dice per class, ECE, BECE) -> ``metrics.csv``
-   + ``log.jsonl`` (TensorBoard event files as well when ``torch.utils.tensorboard`` imports — tensorboard is
-   not a dependency, so normally CSV + JSON only),
+   + ``log.jsonl`` + TensorBoard event files in ``tb/`` (tensorboardX, from the ``train`` extra),
 4. checkpoints every epoch (``checkpoint.pt``; resumed automatically),
 5. fits the post-hoc temperature on the validation phantoms (LBFGS on NLL) and writes
    ``<output>/<model_id>.safetensors`` and ``<output>/catalog_entry.json``; with ``--register`` (or
@@ -294,6 +293,25 @@ def _validate(net: torch.nn.Module, cases: list[dict], cfg: dict, device: torch.
     return res, kept
 
 
+
+def _tensorboard_writer(folder: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing event files into ``folder``, or None when none is installed.
+
+    tensorboardX comes with the ``train`` extra (``pip install -e .[train]``; ``make`` installs it) and writes
+    the event files without the TensorBoard server package; ``torch.utils.tensorboard`` is used when only
+    ``tensorboard`` is installed. Without either, the run logs to CSV and JSON only (and says so).
+    """
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("No TensorBoard writer installed (pip install -e .[train]): logging to CSV and JSON only.")
+            return None
+    return SummaryWriter(str(folder))
+
+
 def train_from_config(path: str | os.PathLike | Mapping[str, Any], *, resume: bool = True, progress: bool = True,
                       overrides: Mapping[str, Any] | None = None, register: bool | None = None,
                       device: str | None = None) -> Path:
@@ -395,12 +413,7 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
     fg_keys = [c["key"] for c in sorted(cfg["classes"], key=lambda c: c["value"])][1:]
     tb = None
     if dist.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard is not a dependency
-        except ImportError:
-            SummaryWriter = None
-        if SummaryWriter is not None:
-            tb = SummaryWriter(str(out_dir / "tb"))
+        tb = _tensorboard_writer(out_dir / "tb")
         if start_epoch == 0 or not csv_path.exists():
             with open(csv_path, "w", newline="") as fh:
                 csv.writer(fh).writerow(["epoch", "step", "lr", "train_loss", "seconds"]
