@@ -531,6 +531,24 @@ def test_ctrl_c_while_writing_leaves_none_of_the_cases_files(catalog, files, tmp
 
 
 
+def test_a_failed_overwrite_leaves_no_mix_of_old_and_new_files(catalog, files, tmp_path, monkeypatch) -> None:
+    from LensSegCalibLib import report as report_module
+
+    out = tmp_path / "out"
+    assert _segment(catalog, out, files["good"]) == 0
+    assert len(_case_files(out)) >= 6
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the new segmentation, confidence and CSV are written, the HTML fails
+        m.setattr(report_module.CalibrationReport, "to_html", broken)
+        assert _segment(catalog, out, files["good"], extra=("--overwrite",)) == 1
+    assert _case_files(out) == []  # neither the new files nor the old HTML/JSON: the case is absent
+    assert _segment(catalog, out, files["good"]) == 0  # so the plain rerun (no --overwrite) works
+    assert _summary(out)[0]["status"] == "done"
+
+
 def test_two_runs_writing_to_one_folder_never_mix_files(catalog, files, tmp_path) -> None:
     """Two runs started at the same moment on the same input and folder (threads: the race is per file)."""
     out = tmp_path / "out"

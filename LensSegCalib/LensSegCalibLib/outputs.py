@@ -111,7 +111,8 @@ def write_case_outputs(
         cancel: optional ``threading.Event`` checked before each file; raises ``Cancelled``.
 
     A failure or cancel part-way removes the files this call wrote, so a case is either complete (its JSON
-    exists) or absent. With ``overwrite`` the old JSON is removed first for the same reason.
+    exists) or absent. With ``overwrite`` the old JSON is removed first for the same reason, and on a failure
+    the earlier outputs not yet rewritten are removed too (never a mix of old and new files).
 
     Raises:
         OutputError: outputs exist (without ``overwrite``), folder not writable, disk full.
@@ -168,8 +169,10 @@ def write_case_outputs(
             step("preview", lambda p: _write_preview(p, report, overwrite))
         step("report_json", lambda p: _write_text(p, report.to_json(), overwrite))  # last: the case is finished
     except BaseException:
-        # a failure or cancel leaves no partial set: remove what this call wrote (each file was complete)
-        for path in written:
+        # a failure or cancel leaves no partial set: remove what this call wrote (each file was complete); when
+        # overwriting, the earlier files not rewritten yet go too (the user asked to replace them, and old and
+        # new files must never form one case), so the plain rerun starts clean
+        for path in written + (list(paths.values()) if overwrite else []):
             path.unlink(missing_ok=True)
         raise
     return paths

@@ -43,10 +43,12 @@ def _finite_values(a: np.ndarray) -> np.ndarray:
 
     Finite *as float32*: a float64 voxel of 1e300 is Inf to the network, so it is not counted either.
     """
-    flat = a.reshape(-1)
-    if flat.size > _PCT_SAMPLE_MAX:
-        # fixed stride, no RNG: deterministic and identical between training and inference
-        flat = flat[:: int(np.ceil(flat.size / _PCT_SAMPLE_MAX))]
+    if a.size > _PCT_SAMPLE_MAX:
+        # fixed stride over the C-order voxels, no RNG: deterministic and identical between training and
+        # inference; .flat picks them without a full copy of a non-contiguous (e.g. reoriented) volume
+        flat = a.flat[:: int(np.ceil(a.size / _PCT_SAMPLE_MAX))]
+    else:
+        flat = a.reshape(-1)
     flat = flat.astype(np.float32)
     return flat[np.isfinite(flat)].astype(np.float64)
 

@@ -483,9 +483,8 @@ def _segmentation_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int,
     """Dice, IoU, HD95 and ASSD (mm) per foreground class from ``LensSegCalibLib.metrics``."""
     from . import metrics as M
 
-    # int16 copy: metrics.segmentation_metrics at 8e21dd8 multiplies a uint8 `pred` in place (reported), which
-    # changed the caller's labels and the surface distances computed after it; a wider dtype is copied inside
-    res = M.segmentation_metrics(pred.astype(np.int16), ref, num_classes, spacing=spacing)  # (1, C), class 0 first
+    # metrics never write into their inputs (Testing/test_report.py checks the labels stay as they were)
+    res = M.segmentation_metrics(pred, ref, num_classes, spacing=spacing)  # (1, C), class 0 first
     out: dict[int, dict[str, float]] = {}
     for c in range(1, num_classes):
         out[c] = {"dice": float(res.dice[0, c]), "iou": float(res.iou[0, c]), "hd95_mm": float(res.hd95[0, c]),

@@ -1,6 +1,6 @@
 """DistributedDataParallel helpers for ``torchrun`` (NCCL on CUDA, gloo on CPU).
 
-``torchrun --nproc_per_node=2 -m LensSegCalib.training --config cfg.json`` sets RANK/WORLD_SIZE/LOCAL_RANK;
+``torchrun --nproc_per_node=2 -m LensSegCalibLib.training --config cfg.json`` sets RANK/WORLD_SIZE/LOCAL_RANK;
 without them everything runs in one process and these helpers are no-ops.
 """
 from __future__ import annotations
