@@ -53,8 +53,17 @@ def setup_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Tear the process group down with every rank in step.
+
+    All ranks meet at a barrier first, so no rank closes its gloo connections while another still uses them (a
+    rank torn down early once aborted its peer on the 2-core CI machine: "terminate called without an active
+    exception").
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
