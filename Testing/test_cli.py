@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_inference import make_catalog  # tiny random-weight models in a temporary catalog
+from tiny_models import ASOCT_CLASSES
 
 from LensSegCalibLib import metrics as M
 from LensSegCalibLib.cli import main, parse_shard, select_shard
@@ -75,7 +76,7 @@ def test_segment_with_reference_writes_every_output_with_the_input_geometry(tmp_
         np.testing.assert_allclose(geo.direction, GEOMETRY.direction, atol=1e-6)
     assert [(s["id"], s["name"], s["labelValue"]) for s in segments] == [
         ("capsule", "Lens capsule", 1), ("cortex", "Lens cortex", 2), ("nucleus", "Lens nucleus", 3)]
-    np.testing.assert_allclose(segments[0]["color"], np.array([230, 80, 60]) / 255, atol=1e-4)
+    np.testing.assert_allclose(segments[0]["color"], np.array(ASOCT_CLASSES[1]["color"]) / 255, atol=1e-4)
     assert "Lens capsule" in str(segments[0].get("terminology", ""))
     conf = read_image(out / "eye_a_confidence.nrrd").array
     boundary = read_image(out / "eye_a_boundary.nrrd").array

@@ -21,16 +21,8 @@ from monai.inferers import sliding_window_inference
 from LensSegCalibLib import heatmaps
 from LensSegCalibLib.errors import Cancelled, ChecksumError, InputError, ModelError
 from LensSegCalibLib.inference import Prediction, Segmenter, resolve_device
-from tiny_models import tiny_entry, unet, write_catalog
+from tiny_models import ASOCT_CLASSES, tiny_entry, unet, write_catalog
 
-ASOCT_CLASSES = [
-    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [230, 80, 60],
-     "terminology": "Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure"
-                    "~SCT^68356003^Lens capsule~^^~~^^~^^"},
-    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [90, 200, 90]},
-    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [70, 110, 230]},
-]
 CT_CLASSES = [
     {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
     {"value": 1, "key": "lens", "name": "Lens", "color": [250, 210, 60]},

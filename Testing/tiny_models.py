@@ -21,7 +21,9 @@ from LensSegCalibLib.models import build_network, save_weights
 
 ASOCT_CLASSES = [
     {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80]},
+    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80],
+     "terminology": "Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure"
+                    "~99LSC^1001^Lens capsule~^^~~^^~^^"},
     {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
     {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
 ]

@@ -1,19 +1,20 @@
 """Constants and geometry shared by the Slicer-module tests (imported by conftest.py and the test files)."""
 from __future__ import annotations
 
+from importlib import util as _importlib_util
+from pathlib import Path as _Path
+
 import numpy as np
+
+# Testing/ is not on sys.path for these tests (only this folder is): load the shared module by path
+_spec = _importlib_util.spec_from_file_location("tiny_models", _Path(__file__).resolve().parents[1] / "tiny_models.py")
+_TINY_MODELS = _importlib_util.module_from_spec(_spec)
+_spec.loader.exec_module(_TINY_MODELS)
 
 TINY_MODEL = "test-asoct-tiny"
 # Spacing of the test volumes (array order, mm). The tiny model uses the same grid: no resampling cost.
 TEST_SPACING = (0.5, 0.02, 0.03)
-ASOCT_CLASSES = [
-    {"value": 0, "key": "background", "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "key": "capsule", "name": "Lens capsule", "color": [255, 220, 80],
-     "terminology": "Segmentation category and type - LensSegCalib~SCT^123037004^Anatomical Structure"
-                    "~99LSC^1001^Lens capsule~^^~~^^~^^"},
-    {"value": 2, "key": "cortex", "name": "Lens cortex", "color": [100, 180, 255]},
-    {"value": 3, "key": "nucleus", "name": "Lens nucleus", "color": [230, 90, 60]},
-]
+ASOCT_CLASSES = _TINY_MODELS.ASOCT_CLASSES  # the class list every test model uses (Testing/tiny_models.py)
 
 
 def obliqueIJKToRAS(shape_kji: object = None) -> np.ndarray:
