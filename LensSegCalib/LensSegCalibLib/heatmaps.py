@@ -155,6 +155,7 @@ def boundary_band_slabs(labels: object, spacing: Sequence[float] | None, band_mm
         raise InputError(f"band_mm must be a finite value >= 0 mm; got {band_mm!r}.")
     per_row = int(np.prod(lab.shape[1:], dtype=np.int64))
     rows = max(1, _BAND_SLAB_VOXELS // max(per_row, 1))
+
     def select(part: np.ndarray) -> np.ndarray:
         return part if value is None else (part == value).view(np.uint8)
 

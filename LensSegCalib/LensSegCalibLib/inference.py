@@ -19,8 +19,10 @@ Pipeline of :meth:`Segmenter.predict` (all on the segmenter's device, torch):
 Memory stays bounded: B-scans are normalised and segmented a few at a time (normalisation statistics come from
 the whole volume first, so the values equal normalising it at once); the outputs are uint8 labels and float16
 maps (7 bytes per input voxel, plus 2 per class when the probabilities are kept); the boundary band is streamed
-in slabs. The 3D path also holds the float32 volume and the model-grid logits. AMP (float16 autocast) on CUDA. On CUDA out-of-memory the batch is halved down to
-1, then the run moves to the CPU, each time with a ``RuntimeWarning``. ``progress(fraction, message)`` is called
+in slabs. The 3D path also holds the float32 volume and the model-grid logits.
+
+AMP (float16 autocast) on CUDA. On CUDA out-of-memory the batch is halved down to 1, then the run moves to the
+CPU, each time with a ``RuntimeWarning``. ``progress(fraction, message)`` is called
 as work advances; ``cancel`` (a ``threading.Event``) is polled before every batch/patch (well under a second
 apart on 2 CPU cores for the shipped models) and raises :class:`~LensSegCalibLib.errors.Cancelled`.
 

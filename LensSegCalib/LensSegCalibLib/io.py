@@ -403,6 +403,14 @@ _NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint1
 _WRITE_SLAB_VALUES = 1 << 22
 
 
+def _row_slabs(shape: Sequence[int]) -> Iterator[slice]:
+    """Slices of axis 0 holding at most ``_WRITE_SLAB_VALUES`` values each (at least one row)."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    rows = max(1, _WRITE_SLAB_VALUES // per_row)
+    for z0 in range(0, shape[0], rows):
+        yield slice(z0, min(z0 + rows, shape[0]))
+
+
 def _nrrd_vector(values: Sequence[float]) -> str:
     return "(" + ",".join(repr(float(v)) for v in values) + ")"
 
@@ -429,13 +437,11 @@ def _write_nrrd_streamed(path: Path, array: np.ndarray, geometry: Geometry, dtyp
         f"encoding: {'gzip' if compress else 'raw'}",
         "space origin: " + _nrrd_vector(m[:3, 3]),
     ]
-    per_row = max(1, int(np.prod(array.shape[1:], dtype=np.int64)))
-    rows = max(1, _WRITE_SLAB_VALUES // per_row)
     packer = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # wbits 31: gzip container
     with open(path, "wb") as fh:
         fh.write(("\n".join(header) + "\n\n").encode("ascii"))
-        for z0 in range(0, array.shape[0], rows):
-            slab = np.asarray(array[z0:z0 + rows]).astype(dtype.newbyteorder("<"), copy=True)
+        for rows in _row_slabs(array.shape):
+            slab = np.asarray(array[rows]).astype(dtype.newbyteorder("<"), copy=True)
             if nan_fill is not None and slab.dtype.kind == "f":
                 np.nan_to_num(slab, copy=False, nan=nan_fill)
             data = memoryview(np.ascontiguousarray(slab)).cast("B")
@@ -507,12 +513,10 @@ def _label_extent(labels: np.ndarray, value: int) -> list[int] | None:
     Reduced slab by slab along k: one bool slab at a time instead of ``np.nonzero``'s three int64 index arrays
     (24 bytes per segment voxel on a big volume).
     """
-    per_row = max(1, int(np.prod(labels.shape[1:], dtype=np.int64)))
-    rows = max(1, _WRITE_SLAB_VALUES // per_row)
     k_hits, j_any, i_any = [], np.zeros(labels.shape[1], bool), np.zeros(labels.shape[2], bool)
-    for z0 in range(0, labels.shape[0], rows):
-        mask = labels[z0:z0 + rows] == value
-        k_hits.extend(z0 + np.flatnonzero(mask.any(axis=(1, 2))))
+    for rows in _row_slabs(labels.shape):
+        mask = labels[rows] == value
+        k_hits.extend(rows.start + np.flatnonzero(mask.any(axis=(1, 2))))
         j_any |= mask.any(axis=(0, 2))
         i_any |= mask.any(axis=(0, 1))
     if not k_hits:

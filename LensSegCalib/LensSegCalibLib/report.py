@@ -207,21 +207,16 @@ class _ConfidenceValues:
             self._parts.append(values.astype(np.float64))
 
     def _table(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted distinct values (float64) and their counts."""
-        values, counts = [], []
+        """Sorted distinct values (float64) and their counts (one source: a map has one dtype)."""
         if self._counts is not None:
             bits = np.flatnonzero(self._counts)
-            values.append(bits.astype(np.uint16).view(np.float16).astype(np.float64))
-            counts.append(self._counts[bits])
+            v, c = bits.astype(np.uint16).view(np.float16).astype(np.float64), self._counts[bits]
+            order = np.argsort(v, kind="stable")  # bit-pattern order is value order only for values >= 0
+            return v[order], c[order].astype(np.int64)
         if self._parts:
             v, c = np.unique(np.concatenate(self._parts), return_counts=True)
-            values.append(v)
-            counts.append(c)
-        if not values:
-            return np.zeros(0), np.zeros(0, dtype=np.int64)
-        v, c = np.concatenate(values), np.concatenate(counts).astype(np.int64)
-        order = np.argsort(v, kind="stable")
-        return v[order], c[order]
+            return v, c.astype(np.int64)
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
 
     def stats(self, edges: np.ndarray) -> tuple[tuple[float, float, float, float, float], list[int]]:
         """(mean, median, P5, fraction < 0.5, fraction < 0.9) and the histogram over ``edges``; NaN when empty."""
