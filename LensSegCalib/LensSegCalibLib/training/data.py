@@ -303,7 +303,7 @@ class PatchSampler:
     sees cornea, iris and empty vitreous as it will in a sliding window. Patches reaching outside the volume
     are padded with the image minimum / label 0. ``flip_axes``: spatial axes (of the patch) that may be
     mirrored (the lateral axis of a B-scan; never left-right on CT, where the label *is* the side).
-    ``lowres`` (``{"p": 0.3, "scale": [0.4, 1.0], "blur": [0.3, 0.7]}``): with probability ``p`` a patch goes
+    ``lowres`` (``{"p": 0.35, "scale": [0.4, 1.0], "blur": [0.3, 0.7]}``): with probability ``p`` a patch goes
     through :func:`degrade_resolution` (a coarser acquisition grid resampled to the model grid); the intensity
     augmentation then runs on the coarse patch; labels are never resampled. ``spatial``
     (``{"p": 0.3, "rotate_deg": 10, "scale": [0.95, 1.15]}``): with probability ``p`` the patch is cut from a
