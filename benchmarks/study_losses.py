@@ -399,9 +399,15 @@ def _shipped_section() -> list[str]:
 
     for spec in cat:
         hm = spec.heldout_metrics
-        for name, st in hm.get("sets", {}).items():
+        tr = spec.training
+        # staged recipes: the earlier stages' steps (training.stage1..3) + this run's epochs x steps
+        stages = [int(tr[k]["steps"]) for k in ("stage1", "stage2", "stage3") if isinstance(tr.get(k), dict)
+                  and "steps" in tr[k]]
+        stages.append(int(tr.get("epochs", 0)) * int(tr.get("steps_per_epoch", 0)))
+        steps = " + ".join(str(n) for n in stages)
+        sets = list(hm.get("sets", {}).items()) + [(f"{k} (robustness)", v) for k, v in hm.get("robustness", {}).items()]
+        for name, st in sets:
             r, t = st["raw"], st.get("temperature_scaled", st["raw"])
-            steps = int(spec.training.get("epochs", 0)) * int(spec.training.get("steps_per_epoch", 0))
             out.append(f"| {spec.id} | {steps} | {name} ({r['cases']}) | {spec.temperature:.3f} | {f(r['dice'])} | {f(r['dice_lens'])} | "
                        f"{f(r['hd95_mm'])} | {f(r['ece'], True)} / {f(t['ece'], True)} | {f(r['ece_fg'], True)} / "
                        f"{f(t['ece_fg'], True)} | {f(r['bece'], True)} / {f(t['bece'], True)} | "
