@@ -192,6 +192,11 @@ def _budget_key(budget: dict) -> dict:
     return key
 
 
+def _budget_matches(result: dict | None, budget: dict) -> bool:
+    """True when ``result`` (a result.json's content, None when missing) was run with ``budget``: reuse it."""
+    return result is not None and _budget_key(result.get("budget", {})) == _budget_key(budget)
+
+
 def _read_result(path: Path) -> dict | None:
     """A result.json's content, or None when it is missing or unreadable (a rerun then redoes the run)."""
     try:
@@ -244,7 +249,7 @@ def run(args: argparse.Namespace, base: dict, budget: dict, run_dir: Path) -> No
             tag = f"{loss}-s{seed}"
             res_path = run_dir / tag / "result.json"
             old = _read_result(res_path)
-            if old is not None and _budget_key(old.get("budget", {})) == _budget_key(budget):
+            if _budget_matches(old, budget):
                 print(f"[study] {tag}: done already ({res_path}), skipped", flush=True)
                 continue
             if old is not None:
@@ -300,7 +305,7 @@ def gather(run_dir: Path, losses: list[str], seeds: list[int], budget: dict) -> 
         for seed in seeds:
             tag = f"{loss}-s{seed}"
             res = _read_result(run_dir / tag / "result.json")
-            if res is None or _budget_key(res.get("budget", {})) != _budget_key(budget):
+            if not _budget_matches(res, budget):
                 missing.append(tag + ("" if res is None else " (other budget)"))
                 continue
             out["runs"][tag] = res
