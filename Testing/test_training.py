@@ -372,3 +372,14 @@ def test_a_new_phantom_version_does_not_reuse_cached_volumes(tmp_path: Path, mon
     assert isinstance(prepare_volume(TOY, 5, **kw).image, np.memmap)  # same generator: cache hit
     monkeypatch.setattr(phantom, "PHANTOM_VERSION", str(phantom.PHANTOM_VERSION) + "-changed")
     assert not isinstance(prepare_volume(TOY, 5, **kw).image, np.memmap)  # changed generator: regenerated
+
+
+def test_exit_worker_flushes_and_keeps_the_exit_code() -> None:
+    # a torchrun worker leaves through os._exit after its work: buffered output must still arrive, and the code
+    # must be the command's (torchrun reports the job as failed otherwise)
+    code = ("import sys, logging; from LensSegCalibLib.training import ddp; "
+            "print('weights path', end=''); sys.stderr.write('last words'); ddp.exit_worker(3)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "LensSegCalib"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 3
+    assert proc.stdout == "weights path" and proc.stderr == "last words"

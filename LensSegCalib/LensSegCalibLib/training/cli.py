@@ -60,7 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train_args(parser)
     args = parser.parse_args(argv)
     try:
-        return run_train_command(args)
+        code = run_train_command(args)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last epoch checkpoint", file=sys.stderr)
         return 130
+    from . import ddp
+
+    if ddp.launched_by_torchrun():  # weights and logs are written: leave without C++ teardown (see exit_worker)
+        ddp.exit_worker(code)
+    return code
