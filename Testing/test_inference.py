@@ -196,11 +196,19 @@ def test_cancel_from_another_thread_within_a_second(asoct):
         set_at.append(time.perf_counter())
         event.set()
 
-    timer = threading.Timer(0.05, fire)  # the whole run takes ~0.4 s on one core: cancel lands mid-run
-    timer.start()
+    timer = threading.Timer(0.05, fire)
+    started: list[bool] = []
+
+    def progress(fraction: float, message: str) -> None:
+        # start the clock once the run is under way (first report), so that a fast machine cannot finish the
+        # volume before the other thread cancels; 200 B-scans take well over 0.05 s on any CPU
+        if not started:
+            started.append(True)
+            timer.start()
+
     try:
         with pytest.raises(Cancelled):
-            asoct.predict(_volume((60, 80, 80)), (0.5, 0.05, 0.05), cancel=event)
+            asoct.predict(_volume((200, 80, 80)), (0.5, 0.05, 0.05), cancel=event, progress=progress)
         assert set_at and time.perf_counter() - set_at[0] < 1.0
     finally:
         timer.cancel()

