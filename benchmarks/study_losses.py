@@ -56,11 +56,11 @@ FINETUNE_LR = 3e-4
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` atomically (``io.atomic_path``): a reader never sees a half-written file."""
+    from LensSegCalibLib.io import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _loss_params(name: str, cfg: dict) -> dict:
@@ -331,6 +331,8 @@ def _plots(res: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from LensSegCalibLib.io import atomic_path
+
     out.mkdir(parents=True, exist_ok=True)
     seeds = _plot_seeds(res)
     for loss, seed in seeds.items():
@@ -356,9 +358,8 @@ def _plots(res: dict, out: Path) -> list[str]:
         axes[0].set_ylabel("accuracy")
         axes[0].legend(loc="upper left", fontsize=7)
         fig.tight_layout()
-        tmp = out / f".reliability_{loss}.{os.getpid()}.png"
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, out / f"reliability_{loss}.png")
+        with atomic_path(out / f"reliability_{loss}.png", overwrite=True) as tmp:  # keeps the .png suffix
+            fig.savefig(tmp, dpi=90)
         plt.close(fig)
     return sorted(seeds, key=_loss_rank)
 

@@ -293,7 +293,6 @@ def _validate(net: torch.nn.Module, cases: list[dict], cfg: dict, device: torch.
     return res, kept
 
 
-
 def _tensorboard_writer(folder: Path) -> Any:
     """A TensorBoard ``SummaryWriter`` writing event files into ``folder``, or None when none is installed.
 
