@@ -204,6 +204,93 @@ def test_sampler_spatial_augmentation_is_reproducible_and_aligned(tmp_path: Path
         np.testing.assert_allclose(x[:, 0][core], lev, atol=1e-5)
 
 
+def test_sampler_hidden_mask_moves_with_the_labels_and_keeps_the_same_draws(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    v = prepare_volume(TOY, 2, shape=(2, 96, 96), variation={"noise": 0.0, "shadow": 0.4}, spacing_mm=None,
+                       normalization={"kind": "none"}, cache_dir=tmp_path)
+    assert not np.asarray(v.visible)[..., -10:].any() and np.asarray(v.visible)[..., :40].all()
+    s = PatchSampler([v], (40, 40), fg_fraction=0.8, flip_axes=(1,), augment=None,
+                     spatial={"p": 0.5, "rotate_deg": 20})
+    x0, y0, _ = s.sample(np.random.default_rng(7), 12)
+    x, y, sdf, hid = s.sample(np.random.default_rng(7), 12, with_hidden=True)
+    np.testing.assert_array_equal(x0, x)  # asking for the mask changes no draw
+    np.testing.assert_array_equal(y0, y)
+    assert sdf is None and hid.dtype == bool and hid.shape == y.shape
+    assert (hid & (y > 0)).sum() > 100 and (~hid & (y > 0)).sum() > 100
+    # noise 0: the shadow carries no signal, the visible lens does; compare away from the interpolated edges
+    inside = x[:, 0] != -1.0  # -1 = padding outside the volume
+    core_hidden = ndimage.binary_erosion(hid, np.ones((1, 3, 3), bool)) & inside
+    core_lens = ndimage.binary_erosion(~hid & (y > 0), np.ones((1, 3, 3), bool)) & inside
+    np.testing.assert_allclose(x[:, 0][core_hidden], 0.0, atol=1e-5)
+    assert x[:, 0][core_lens].min() > 0.39
+
+
+def test_hidden_penalty_has_the_stated_optimum_and_spares_visible_and_far_voxels() -> None:
+    import torch.nn.functional as F
+
+    from LensSegCalibLib.training.trainer import hidden_confidence_penalty
+
+    y = torch.full((1, 1, 1), 2, dtype=torch.long)
+    hid = torch.ones(1, 1, 1, dtype=torch.bool)
+    for w in (0.5, 1.0, 3.0):  # CE + w * penalty on one hidden lens voxel: p_true = (1 + w / C) / (1 + w)
+        z = torch.zeros(1, 4, 1, 1, requires_grad=True)
+        opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z, y) + w * hidden_confidence_penalty(z, y, hid, margin_px=0)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        p = torch.softmax(z.detach(), 1)[0, :, 0, 0]
+        assert float(p[2]) == pytest.approx((1 + w / 4) / (1 + w), abs=1e-4)
+        assert int(p.argmax()) == 2  # the label is still the argmax
+    logits = torch.zeros(1, 4, 32, 32)
+    logits[:, 0] = 8.0  # confident everywhere
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[:, 8:16, 8:16] = 3
+    far = torch.zeros(1, 32, 32, dtype=torch.bool)
+    far[:, :, 26:] = True  # hidden, but 11 px from the lens (last lens column 15)
+    assert float(hidden_confidence_penalty(logits, labels, far, margin_px=10)) == 0.0
+    assert float(hidden_confidence_penalty(logits, labels, far, margin_px=11)) > 0.0
+    assert float(hidden_confidence_penalty(logits, labels, torch.zeros_like(far), margin_px=30)) == 0.0
+
+
+def test_hidden_penalty_lowers_confidence_in_the_shadow_only(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    conf = {}
+    for name, hp in (("plain", None), ("penalty", {"weight": 3.0, "margin_px": 2})):
+        cfg = _config(tmp_path / name, epochs=4, steps_per_epoch=25)
+        cfg["data"]["variation"] = {"shadow": 0.3}
+        if hp:
+            cfg["loss"]["hidden_penalty"] = hp
+        weights = train_from_config(cfg, progress=False, device="cpu")
+        import json
+
+        entry = json.loads((tmp_path / name / "run" / "catalog_entry.json").read_text())
+        assert entry["loss"].get("hidden_penalty") == hp  # the catalog says how the model was trained
+        from LensSegCalibLib.models import build_network
+        from LensSegCalibLib.training.data import normalize_intensity
+
+        net = build_network(cfg["network"]).eval()
+        net.load_state_dict(load_file(str(weights)))
+        ph = toy_volume(200, shape=(2, 48, 48), shadow=0.3)
+        x = torch.from_numpy(normalize_intensity(ph.image, cfg["input"]["normalization"])[:, None])
+        with torch.no_grad():
+            p = torch.softmax(net(x), 1).numpy()
+        top = p.max(1)
+        lens, vis = ph.labels > 0, ph.meta["visible"]
+        conf[name] = (float(top[lens & ~vis].mean()), float(top[lens & vis].mean()))
+    drop_hidden, drop_visible = conf["plain"][0] - conf["penalty"][0], conf["plain"][1] - conf["penalty"][1]
+    assert drop_hidden > 0.1 and drop_hidden > 2 * drop_visible, conf  # the shadow is where it gets less sure
+    with pytest.raises(InputError, match="hidden_penalty"):
+        bad = _config(tmp_path / "bad")
+        bad["loss"]["hidden_penalty"] = {"weight": -1}
+        train_from_config(bad, progress=False, device="cpu")
+
+
 def test_per_seed_shape_renders_that_phantom_on_its_own_grid(tmp_path: Path) -> None:
     from LensSegCalibLib.training.trainer import _volumes
 

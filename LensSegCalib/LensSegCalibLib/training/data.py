@@ -295,6 +295,10 @@ def rotate_scale_patch(image: np.ndarray, labels: np.ndarray, rng: np.random.Gen
     return img.astype(np.float32, copy=False), lab
 
 
+#: added to a label to mark a hidden (not ``visible``) voxel while a patch is cut, rotated and flipped
+_HIDDEN_CODE = 64
+
+
 class PatchSampler:
     """Random patches from cached volumes: 2D B-scan patches (``patch_size`` of 2) or 3D patches (3).
 
@@ -349,17 +353,23 @@ class PatchSampler:
         out[tuple(dst)] = arr[tuple(src)]
         return out
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    def sample(self, rng: np.random.Generator, batch_size: int, *, with_hidden: bool = False) -> tuple:
         """Returns ``(images (B, 1, *patch) float32, labels (B, *patch) int64, sdf)``.
 
         ``sdf`` is None unless ``sdf_classes`` was given: then the SDC loss's signed-distance targets
         ``(B, C, *patch)`` float32 tensor from :func:`LensSegCalibLib.losses.sdc.sdc_targets`, computed here in the
         data pipeline once per sample (per patch, as the official SDC code does for its training crops), so the
         loss never runs an EDT in its hot path.
+
+        ``with_hidden``: also return a fourth array, ``hidden (B, *patch) bool``: true where the phantom's
+        ``visible`` mask is false (behind the iris, lost to attenuation), moved with the same crop, rotation and
+        flips as the labels (padding outside the volume counts as visible). The random draws are the same as
+        without it, so a run with and without the mask sees the same patches.
         """
         nd = len(self.patch)
         imgs = np.empty((batch_size, 1) + self.patch, np.float32)
         labs = np.empty((batch_size,) + self.patch, np.int64)
+        hids = np.zeros((batch_size,) + self.patch, bool) if with_hidden else None
         for b in range(batch_size):
             vi = int(rng.integers(len(self.volumes)))
             vol = self.volumes[vi]
@@ -381,12 +391,18 @@ class PatchSampler:
                     z = int(rng.integers(vol.labels.shape[0]))
                     centre = np.array([rng.integers(n) for n in vol.labels.shape[1:]])
                 img_src, lab_src = vol.image[z], vol.labels[z]
+                vis_src = vol.visible[z] if with_hidden else None
             else:
                 if use_fg:
                     centre = pick
                 else:
                     centre = np.array([rng.integers(n) for n in vol.labels.shape])
                 img_src, lab_src = vol.image, vol.labels
+                vis_src = vol.visible if with_hidden else None
+            if with_hidden:
+                # the hidden flag rides on the label as +HIDDEN_CODE, so crops, rotations (per-value one-hot
+                # interpolation) and flips move it exactly as they move the labels; split again below
+                lab_src = np.asarray(lab_src).astype(np.int16) + _HIDDEN_CODE * ~np.asarray(vis_src, bool)
             jit = [int(p * self.jitter) for p in self.patch]
             jitter = np.array([int(rng.integers(-j, j + 1)) for j in jit]) if use_fg else 0
             start = (np.asarray(centre) + jitter - np.array(self.patch) // 2).tolist()
@@ -410,12 +426,17 @@ class PatchSampler:
             elif aug is not None:
                 im = aug(im)
             imgs[b, 0] = im
+            if with_hidden:
+                hids[b] = lb >= _HIDDEN_CODE
+                lb = lb % _HIDDEN_CODE
             labs[b] = lb
         sdf = None
         if self.sdf_classes:
             from ..losses.sdc import sdc_targets
 
             sdf = sdc_targets(labs, int(self.sdf_classes))  # one batched C-level EDT call, no per-case loop
+        if with_hidden:
+            return imgs, labs, sdf, hids
         return imgs, labs, sdf
 
 
@@ -434,6 +455,8 @@ def toy_volume(seed: int, *, shape: Sequence[int] | None = None, num_classes: in
 
     ``(Z, Y, X)`` float32 image with classes 1..C-1 as nested ellipses of different brightness plus Gaussian
     noise; deterministic per seed; generator name ``"LensSegCalibLib.training.data:toy_volume"``.
+    ``shadow`` (variation, default 0): the right-most fraction of the columns carries no signal (noise only)
+    and is marked not ``visible``, a stand-in for the iris shadow; the labels there are unchanged.
     """
     nz, ny, nx = tuple(shape) if shape else (2, 48, 48)
     rng = np.random.default_rng(int(seed))
@@ -449,6 +472,10 @@ def toy_volume(seed: int, *, shape: Sequence[int] | None = None, num_classes: in
             m = ((yy - cy) / (ry * f)) ** 2 + ((xx - cx) / (rx * f)) ** 2 <= 1.0
             labels[z][m] = c
             image[z][m] = levels[c - 1]
+    visible = np.ones(labels.shape, bool)
+    shadow = float(variation.get("shadow", 0.0))
+    if shadow > 0:
+        visible[..., int(round(nx * (1.0 - shadow))):] = False
+        image[~visible] = 0.0
     image += rng.normal(0, float(variation.get("noise", 0.08)), image.shape).astype(np.float32)
-    return ToyPhantom(image=image, labels=labels, spacing=(1.0, 0.1, 0.1),
-                      meta={"seed": int(seed), "visible": np.ones(labels.shape, bool)})
+    return ToyPhantom(image=image, labels=labels, spacing=(1.0, 0.1, 0.1), meta={"seed": int(seed), "visible": visible})

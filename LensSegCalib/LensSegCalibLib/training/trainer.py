@@ -39,8 +39,8 @@ from . import ddp
 from .data import CachedVolume, PatchSampler, prepare_volume
 from .temperature import fit_temperature, temperature_nll
 
-__all__ = ["load_config", "train_from_config", "build_training_loss", "predict_volume_logits",
-           "validation_metrics", "DEFAULTS"]
+__all__ = ["load_config", "train_from_config", "build_training_loss", "hidden_confidence_penalty",
+           "predict_volume_logits", "validation_metrics", "DEFAULTS"]
 
 #: Defaults merged under every config (a config only states what differs).
 DEFAULTS: dict[str, Any] = {
@@ -121,6 +121,53 @@ def build_training_loss(loss_cfg: Mapping[str, Any]) -> torch.nn.Module:
             raise
         return torch.nn.CrossEntropyLoss()
     return build_loss(name, **params)
+
+
+def hidden_confidence_penalty(logits: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor, *,
+                              margin_px: int = 8) -> torch.Tensor:
+    """Confidence penalty on the voxels the scanner cannot see: KL(uniform || softmax), near the lens only.
+
+    Behind the iris (and where a dense lens swallows the beam) the image says little, so a label there is a
+    guess from shape; a loss that rewards matching the phantom's exact labels teaches the network to claim
+    certainty it cannot have (held-out: right 57 % of the time while claiming 78 %). This term pulls those
+    voxels towards the uniform distribution; with plain CE the per-voxel optimum is
+    ``p_true = (1 + w / C) / (1 + w)`` (w = 1, C = 4: 0.625), and the argmax is unchanged.
+    The region is the hidden voxels within ``margin_px`` of the reference lens (dilated by a max-pool), so
+    the shadow of the iris over the empty anterior chamber or vitreous keeps its confident background.
+
+    Args:
+        logits: ``(B, C, *S)`` float32.
+        labels: ``(B, *S)`` integer reference (0 = background).
+        hidden: ``(B, *S)`` bool, true where the voxel is not ``visible``.
+        margin_px: dilation of the lens mask (voxels of the model grid).
+
+    Returns:
+        scalar: the penalty summed over the region and divided by the number of voxels in the batch, so
+        weight 1 gives a region voxel the same weight as one voxel of a mean-reduced CE.
+    """
+    import torch.nn.functional as F
+
+    c = logits.shape[1]
+    lens = (labels > 0).unsqueeze(1).float()
+    k = 2 * int(margin_px) + 1
+    pool = F.max_pool2d if labels.dim() == 3 else F.max_pool3d
+    near = pool(lens, kernel_size=k, stride=1, padding=int(margin_px)).squeeze(1) > 0
+    region = hidden & near
+    kl = -torch.log_softmax(logits, dim=1).mean(dim=1) - math.log(c)  # >= 0, 0 at the uniform distribution
+    return (kl * region).sum() / region.numel()
+
+
+def _hidden_penalty_config(cfg: Mapping[str, Any]) -> dict | None:
+    """``loss.hidden_penalty`` (``{"weight": 1.0, "margin_px": 8}``) checked, or None when absent/weight 0."""
+    hp = cfg["loss"].get("hidden_penalty")
+    if not hp:
+        return None
+    if not isinstance(hp, Mapping) or "weight" not in hp:
+        raise InputError('loss.hidden_penalty must be an object like {"weight": 1.0, "margin_px": 8}.')
+    w, m = float(hp["weight"]), int(hp.get("margin_px", 8))
+    if w < 0 or m < 0:
+        raise InputError(f"loss.hidden_penalty: weight and margin_px must be >= 0, got {w} and {m}.")
+    return {"weight": w, "margin_px": m} if w > 0 else None
 
 
 def _loss_needs_targets(loss_cfg: Mapping[str, Any]) -> bool:
@@ -382,6 +429,7 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = build_training_loss(cfg["loss"]).to(device)
     needs_targets = _loss_needs_targets(cfg["loss"])
+    hidden_cfg = _hidden_penalty_config(cfg)
     q_sched = _acw_scheduler(cfg, loss_fn)
     optimizer = torch.optim.AdamW(net.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg["weight_decay"]))
     use_amp = bool(opt_cfg["amp"]) and device.type == "cuda"
@@ -430,7 +478,10 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             lr = _lr_at(step, total, float(opt_cfg["lr"]), int(opt_cfg["warmup_steps"]))
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x_np, y_np, sdf = sampler.sample(rng, local_bs)
+            if hidden_cfg:
+                x_np, y_np, sdf, hid_np = sampler.sample(rng, local_bs, with_hidden=True)
+            else:
+                x_np, y_np, sdf = sampler.sample(rng, local_bs)
             x = torch.from_numpy(x_np).to(device, non_blocking=True)
             y = torch.from_numpy(y_np).to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -441,6 +492,10 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
                 loss = loss_fn(logits.float(), y, sdf=sdf.to(device))
             else:
                 loss = loss_fn(logits.float(), y)
+            if hidden_cfg:
+                hid = torch.from_numpy(hid_np).to(device, non_blocking=True)
+                loss = loss + float(hidden_cfg["weight"]) * hidden_confidence_penalty(
+                    logits.float(), y, hid, margin_px=int(hidden_cfg.get("margin_px", 8)))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Non-finite loss at step {step}: lower optim.lr or check the data.")
             scaler.scale(loss).backward()
