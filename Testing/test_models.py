@@ -246,6 +246,27 @@ def test_shipped_catalog_validates_and_lists_the_required_models() -> None:
     assert a == c == s
 
 
+def test_each_shipped_model_names_the_configs_that_reproduce_it() -> None:
+    from LensSegCalibLib.training import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    for spec in load_catalog():
+        entry = spec.to_dict()
+        t = entry["training"]
+        cfg = load_config(root / t["config"])
+        assert (cfg["model_id"], cfg["version"]) == (entry["id"], entry["version"]), entry["id"]
+        for key in ("loss", "network", "input", "classes"):
+            assert cfg[key] == entry[key], f"{entry['id']}: config and catalog differ in '{key}'"
+        if not cfg.get("temperature_scaling", True):
+            assert entry["temperature"] == 1.0, entry["id"]
+        stages = [part.split("--config ")[1].split()[0] for part in t["command"].split(" && ")]
+        assert stages[-1] == t["config"] and all((root / s).is_file() for s in stages), stages
+        # each stage starts from the weights the previous stage writes
+        for prev, nxt in zip(stages, stages[1:]):
+            prev_cfg, next_cfg = load_config(root / prev), load_config(root / nxt)
+            assert next_cfg["init_from"] == f"runs/{prev_cfg['model_id']}/{prev_cfg['model_id']}.safetensors", nxt
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_id", sorted(FLOORS))
 def test_shipped_model_loads_verified_and_reaches_its_floor(model_id: str) -> None:

@@ -385,9 +385,10 @@ def _shipped_section() -> list[str]:
 
     out = ["## Shipped models (full recipe, from catalog.json `heldout_metrics`)", "",
            "Same network, data and recipe (steps per model in the table); only the loss differs (AS-OCT). "
-           "Held-out: 6 standard + 6 hard "
-           "phantoms (seeds 10000-10005, 10100-10105; 4 B-scans at 800 x 800), inside `visible`; hidden = behind "
-           "the iris / lost to attenuation. raw = T 1, TS = the model's fitted temperature.", "",
+           "Held-out: the catalog's sets (case counts in the table; standard = seeds 10000.., hard = 10100.. "
+           "with the generator's held-out ranges; AS-OCT 4 B-scans at 800 x 800), inside `visible`; hidden = "
+           "behind the iris / lost to attenuation. raw = T 1, TS = the model's temperature (T 1: no scaling, "
+           "TS = raw).", "",
            "| model | steps | set | T | Dice caps / cort / nucl (or R / L lens) | whole-lens Dice | HD95 mm | ECE % raw / TS | "
            "ECE_fg % raw / TS | BECE % raw / TS | hidden lens Dice | hidden acc / conf raw / conf TS | hidden ECE % raw / TS |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -406,9 +407,9 @@ def _shipped_section() -> list[str]:
     for spec in cat:
         hm = spec.heldout_metrics
         tr = spec.training
-        # staged recipes: the earlier stages' steps (training.stage1..3) + this run's epochs x steps
-        stages = [int(tr[k]["steps"]) for k in ("stage1", "stage2", "stage3") if isinstance(tr.get(k), dict)
-                  and "steps" in tr[k]]
+        # staged recipes: the earlier stages' steps (training.stage1..4) + this run's epochs x steps
+        stages = [int(tr[k]["steps"]) for k in ("stage1", "stage2", "stage3", "stage4")
+                  if isinstance(tr.get(k), dict) and "steps" in tr[k]]
         stages.append(int(tr.get("epochs", 0)) * int(tr.get("steps_per_epoch", 0)))
         steps = " + ".join(str(n) for n in stages)
         sets = list(hm.get("sets", {}).items()) + [(f"{k} (robustness)", v) for k, v in hm.get("robustness", {}).items()]
