@@ -227,7 +227,7 @@ FLOORS = {
     "asoct-lens-acw": {"capsule": 0.76, "cortex": 0.82, "nucleus": 0.89},
     "asoct-lens-ce": {"cortex": 0.83, "nucleus": 0.89},
     "asoct-lens-sdc": {"cortex": 0.83, "nucleus": 0.89},
-    "ct-lens-acw": {"right_lens": 0.75, "left_lens": 0.87},
+    "ct-lens-acw": {"right_lens": 0.80, "left_lens": 0.87},
 }
 
 
