@@ -181,7 +181,9 @@ def evaluate_model(network: Any, spec: Any, *, sets: Sequence[Mapping[str, Any]]
     t_scale = float(spec.temperature)
     result: dict[str, Any] = {"protocol": __doc__.split("Protocol")[1].split("python -m")[0].strip()
                               .replace("\n", " ").replace("  ", " ").replace("  ", " "),
-                              "shape": list(shape) if shape else None, "temperature": t_scale, "sets": {}}
+                              "shape": list(shape) if shape else None, "temperature": t_scale,
+                              # ties the numbers to the weights they were measured on
+                              "weights_sha256": (spec.weights or {}).get("sha256"), "sets": {}}
     t0 = time.perf_counter()
 
     def run_set(s: Mapping[str, Any]) -> tuple[dict, list, list]:
