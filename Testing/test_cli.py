@@ -85,6 +85,7 @@ def test_segment_with_reference_writes_every_output_with_the_input_geometry(tmp_
     assert (boundary > 0).any() and (boundary == 0).any()  # band only
     report = json.loads((out / "eye_a_report.json").read_text())
     assert report["meta"]["model"]["id"] == "tiny-asoct" and len(report["meta"]["input"]["sha256"]) == 64
+    assert report["meta"]["model"]["mirror_tta"] is False
     ref = data["labels"][None].astype(np.int64)
     seg_m = M.segmentation_metrics(labels[None].astype(np.int64), ref, 4, spacing=GEOMETRY.spacing)
     for seg in report["segments"]:
@@ -195,6 +196,14 @@ def test_demo_writes_all_outputs_and_a_preview(tmp_path, catalog, monkeypatch):
     assert (out / "sample_asoct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "sample_asoct_report.json").read_text())
     assert report["meta"]["reference"]["used"] is True and report["summary"]["ece"] is not None
+
+
+def test_tta_on_a_model_without_mirror_symmetry_is_refused_before_any_output(tmp_path, catalog, data, capsys):
+    out = tmp_path / "out"
+    code = _run([str(data["a"]), "--model", "tiny-asoct", "--out", str(out), "--tta", "--device", "cpu"], catalog)
+    assert code != 0
+    assert "tta_flip_axes" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_phantom_writes_image_and_segments_for_slicer(tmp_path, capsys):

@@ -137,6 +137,30 @@ def test_temperature_is_applied_and_can_be_disabled(asoct):
     np.testing.assert_array_equal(scaled.labels, plain.labels)  # temperature never changes the argmax
 
 
+def test_mirror_tta_is_the_normalised_geometric_mean_and_mirror_equivariant(catalog, tmp_path):
+    asoct_input = {"spacing_mm": [1.0, 0.1, 0.1], "dims": 2, "mode": "slicewise2d", "patch_size": [64, 64],
+                   "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5}, "tta_flip_axes": [1]}
+    cat = write_catalog(tmp_path, [tiny_entry(tmp_path, "tiny-mirror", net=unet(2, 4), classes=ASOCT_CLASSES,
+                                              input=asoct_input, task="test", foreground_bias=0.3)])
+    plain = Segmenter.from_catalog("tiny-mirror", device="cpu", catalog=cat)
+    tta = Segmenter.from_catalog("tiny-mirror", device="cpu", catalog=cat, mirror_tta=True)
+    image = _volume((2, 64, 64), seed=3)
+    image[:, :, :20] += 0.3  # not mirror-symmetric
+    spacing = (1.0, 0.1, 0.1)  # the model grid and one window: no resampling, so the relations are exact
+    a = plain.predict(image, spacing, probabilities_dtype=np.float32).probabilities
+    b = plain.predict(image[..., ::-1].copy(), spacing, probabilities_dtype=np.float32).probabilities[..., ::-1]
+    pred = tta.predict(image, spacing, probabilities_dtype=np.float32)
+    assert pred.mirror_tta and not plain.predict(image, spacing).mirror_tta
+    # mean of the logits = softmax of the mean log-probabilities = normalised geometric mean of the two passes
+    g = np.sqrt(a * b)
+    np.testing.assert_allclose(pred.probabilities, g / g.sum(0, keepdims=True), atol=1e-5)
+    assert np.abs(a - b).max() > 1e-3  # the two passes differ, so the check above is not trivial
+    mirrored = tta.predict(image[..., ::-1].copy(), spacing, probabilities_dtype=np.float32)
+    np.testing.assert_allclose(mirrored.probabilities[..., ::-1], pred.probabilities, atol=1e-5)
+    with pytest.raises(ModelError, match="right and left"):  # CT: mirroring would swap the lenses
+        Segmenter.from_catalog("tiny-ct", device="cpu", catalog=catalog, mirror_tta=True)
+
+
 def test_ct_reorients_a_permuted_flipped_volume(ct):
     image = (_volume((12, 30, 26), seed=2) * 400 - 100).astype(np.float32)
     spacing = (2.0, 0.9, 0.8)

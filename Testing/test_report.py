@@ -146,7 +146,7 @@ def test_json_and_csv_round_trip():
     rep = calibration_report(pred, SPACING, reference=ref, case="eye_01", input_sha256="cd" * 32)
     data = json.loads(rep.to_json())
     assert data["meta"]["model"] == {"id": "test-model", "version": "1.2.3", "weights_sha256": "ab" * 32,
-                                     "temperature": 1.3}
+                                     "temperature": 1.3, "mirror_tta": False}
     assert data["meta"]["input"]["sha256"] == "cd" * 32
     assert {"torch", "monai", "numpy", "lenssegcalib"} <= set(data["meta"]["package_versions"])
     assert data["meta"]["created"].endswith("Z")

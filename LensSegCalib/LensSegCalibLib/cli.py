@@ -326,7 +326,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     selected = select_shard(inputs, shard)
     _refuse_outputs_over_inputs(out_dir, [names[k] for k in selected], inputs + refs, args.preview)
     segmenter = Segmenter.from_catalog(args.model, device=args.device, catalog=args.catalog,
-                                       apply_temperature=not args.no_temperature)
+                                       apply_temperature=not args.no_temperature, mirror_tta=args.tta)
     rows: list[dict[str, Any]] = []
     failed = 0
     bar = _Bar(len(selected), quiet=args.quiet)
@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--preview", action="store_true", help="also write <name>_preview.png")
     seg.add_argument("--catalog", default=None, help="another catalog.json (default: the shipped one)")
     seg.add_argument("--no-temperature", action="store_true", help="do not apply the catalog's temperature")
+    seg.add_argument("--tta", action="store_true",
+                     help="mirror test-time augmentation (AS-OCT models: also segment the mirrored B-scans and "
+                          "average; twice the time)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=_cmd_segment)
 

@@ -186,7 +186,8 @@ def render_html(report: "CalibrationReport") -> str:
         f"<h1>Calibration report: {_esc(meta.get('case', ''))}</h1>",
         '<table class="meta">',
         f"<tr><th class='l'>Model</th><td>{_esc(model.get('id', ''))} {_esc(model.get('version', ''))} "
-        f"(temperature {_fmt(model.get('temperature', math.nan))})</td></tr>",
+        f"(temperature {_fmt(model.get('temperature', math.nan))}"
+        f"{', mirror test-time augmentation' if model.get('mirror_tta') else ''})</td></tr>",
         f"<tr><th class='l'>Weights sha256</th><td><code>{_esc(model.get('weights_sha256', ''))}</code></td></tr>",
         f"<tr><th class='l'>Input</th><td>{_esc(meta.get('input', {}).get('path', ''))} "
         f"<code>{_esc(meta.get('input', {}).get('sha256', ''))}</code></td></tr>",
