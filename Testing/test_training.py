@@ -259,6 +259,11 @@ def test_hidden_penalty_has_the_stated_optimum_and_spares_visible_and_far_voxels
 
 
 def test_hidden_penalty_lowers_confidence_in_the_shadow_only(tmp_path: Path) -> None:
+    import json
+
+    from LensSegCalibLib.models import build_network
+    from LensSegCalibLib.preprocessing import normalize_intensity
+
     torch.set_num_threads(1)
     conf = {}
     for name, hp in (("plain", None), ("penalty", {"weight": 3.0, "margin_px": 2})):
@@ -267,13 +272,8 @@ def test_hidden_penalty_lowers_confidence_in_the_shadow_only(tmp_path: Path) -> 
         if hp:
             cfg["loss"]["hidden_penalty"] = hp
         weights = train_from_config(cfg, progress=False, device="cpu")
-        import json
-
         entry = json.loads((tmp_path / name / "run" / "catalog_entry.json").read_text())
         assert entry["loss"].get("hidden_penalty") == hp  # the catalog says how the model was trained
-        from LensSegCalibLib.models import build_network
-        from LensSegCalibLib.training.data import normalize_intensity
-
         net = build_network(cfg["network"]).eval()
         net.load_state_dict(load_file(str(weights)))
         ph = toy_volume(200, shape=(2, 48, 48), shadow=0.3)

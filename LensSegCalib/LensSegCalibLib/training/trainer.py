@@ -488,14 +488,15 @@ def _train(cfg: dict, dist: ddp.DistInfo, *, resume: bool, progress: bool, regis
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(x)
             # losses compute in float32 (ACW's log(p + 1e-7) is meaningless in fp16)
+            logits = logits.float()
             if needs_targets:
-                loss = loss_fn(logits.float(), y, sdf=sdf.to(device))
+                loss = loss_fn(logits, y, sdf=sdf.to(device))
             else:
-                loss = loss_fn(logits.float(), y)
+                loss = loss_fn(logits, y)
             if hidden_cfg:
                 hid = torch.from_numpy(hid_np).to(device, non_blocking=True)
-                loss = loss + float(hidden_cfg["weight"]) * hidden_confidence_penalty(
-                    logits.float(), y, hid, margin_px=int(hidden_cfg.get("margin_px", 8)))
+                loss = loss + hidden_cfg["weight"] * hidden_confidence_penalty(
+                    logits, y, hid, margin_px=hidden_cfg["margin_px"])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Non-finite loss at step {step}: lower optim.lr or check the data.")
             scaler.scale(loss).backward()
